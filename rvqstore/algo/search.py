@@ -1,0 +1,146 @@
+"""ADC search over codes, exact search, and exact rerank of candidates.
+
+Distances are "smaller is nearer" for every metric: squared L2 for ``l2``,
+``-<q, x>`` for ``ip`` and ``1 - cos(q, x)`` for ``cosine`` (queries and vectors
+normalised by the caller, see :func:`normalize`).
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from . import kernels
+from .validate import check_k, check_metric
+
+
+class SearchResult(NamedTuple):
+    """ids : int64 (nq, k), -1 where fewer than k were found; distances : float32 (nq, k), +inf there."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+
+
+def normalize(x):
+    """Rows scaled to unit L2 norm (zero rows are refused: cosine is undefined for them)."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    if (n == 0).any():
+        bad = int(np.flatnonzero(n[:, 0] == 0)[0])
+        raise InvalidInputError(f"cosine metric: row {bad} has zero norm")
+    return (x / n).astype(np.float32)
+
+
+def exact_distances(queries, vectors, metric):
+    """Distances (nq, n) float32 between every query and every vector."""
+    ip = queries @ vectors.T
+    if metric == "l2":
+        d = np.einsum("ij,ij->i", queries, queries)[:, None] - 2.0 * ip
+        d += np.einsum("ij,ij->i", vectors, vectors)[None, :]
+        return np.maximum(d, 0.0, out=d)
+    if metric == "cosine":
+        return 1.0 - ip
+    return -ip
+
+
+def _topk_rows(dist, k):
+    """Per-row k smallest of ``dist`` (nq, n): (idx int64, dist float32), padded with -1/+inf."""
+    nq, n = dist.shape
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    out = np.full((nq, k), np.inf, dtype=np.float32)
+    kk = min(k, n)
+    if kk == 0:
+        return ids, out
+    part = np.argpartition(dist, kk - 1, axis=1)[:, :kk] if kk < n else \
+        np.broadcast_to(np.arange(n), (nq, n))
+    pd = np.take_along_axis(dist, part, axis=1)
+    order = np.argsort(pd, axis=1, kind="stable")
+    ids[:, :kk] = np.take_along_axis(part, order, axis=1)
+    out[:, :kk] = np.take_along_axis(pd, order, axis=1)
+    bad = ~np.isfinite(out)
+    ids[bad] = -1
+    return ids, out
+
+
+def exact_search(vectors, queries, *, k, metric="l2", batch=256):
+    """Brute-force k nearest rows of ``vectors`` (n, d) for ``queries`` (nq, d)."""
+    check_metric(metric)
+    k = check_k(k)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    dist = np.empty((len(queries), k), dtype=np.float32)
+    for start in range(0, len(queries), batch):
+        qb = queries[start:start + batch]
+        ids[start:start + batch], dist[start:start + batch] = _topk_rows(
+            exact_distances(qb, vectors, metric), k)
+    return SearchResult(ids, dist)
+
+
+def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, threads_batch=True):
+    """k nearest stored rows by ADC estimate.
+
+    Parameters
+    ----------
+    quantizer : ResidualQuantizer or ProductQuantizer
+    codes : uint8 (n, S)
+    queries : float32 (nq, d), already normalised for cosine
+    k : int
+    bias : float32 (n,) or None. For L2 with a quantizer that needs norms this must be
+        ``||x^||^2`` per row; a row set to +inf is never returned (deleted).
+
+    Returns
+    -------
+    SearchResult with row numbers as ids.
+    """
+    check_metric(metric)
+    k = check_k(k)
+    n = codes.shape[0]
+    if bias is None:
+        if metric == "l2" and quantizer.needs_norms:
+            raise InvalidInputError("L2 ADC with this quantizer needs the stored norms as bias")
+        bias = np.zeros(n, dtype=np.float32)
+    lut, const = quantizer.lut(queries, metric)
+    lut = np.ascontiguousarray(lut, dtype=np.float32)
+    if len(queries) == 1:
+        d, i = kernels.scan_topk(codes, lut[0], bias, k)
+        d, i = d[None], i[None]
+    else:
+        d, i = kernels.scan_topk_batch(codes, lut, bias, k)
+    d = d + const[:, None].astype(np.float32)
+    i = np.where(np.isfinite(d), i, -1)
+    return SearchResult(i, d)
+
+
+def rerank(queries, candidates, fetch, *, k, metric="l2"):
+    """Exact top-k among candidate ids, reading their vectors through ``fetch``.
+
+    Parameters
+    ----------
+    queries : float32 (nq, d)
+    candidates : int64 (nq, m), -1 for no candidate
+    fetch : callable(ids int64 (u,) sorted unique) -> float32 (u, d)
+        Serves the originals (from memory or from disk).
+    k : int
+
+    Returns
+    -------
+    SearchResult with the candidates' ids.
+    """
+    check_metric(metric)
+    k = check_k(k)
+    nq, m = candidates.shape
+    valid = candidates >= 0
+    uniq, inv = np.unique(candidates[valid], return_inverse=True)
+    ids = np.full((nq, k), -1, dtype=np.int64)
+    dist = np.full((nq, k), np.inf, dtype=np.float32)
+    if len(uniq) == 0:
+        return SearchResult(ids, dist)
+    vecs = np.asarray(fetch(uniq), dtype=np.float32)
+    pos = np.full((nq, m), -1, dtype=np.int64)
+    pos[valid] = inv
+    for q in range(nq):
+        row = pos[q][pos[q] >= 0]
+        d = exact_distances(queries[q:q + 1], vecs[row], metric)
+        top, td = _topk_rows(d, k)
+        keep = top[0] >= 0
+        ids[q, :keep.sum()] = uniq[row[top[0][keep]]]
+        dist[q, :keep.sum()] = td[0][keep]
+    return SearchResult(ids, dist)
