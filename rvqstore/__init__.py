@@ -1,9 +1,16 @@
 """rvqstore: a persistent embedded vector store on residual vector quantization."""
 
 from .algo import ProductQuantizer, ResidualQuantizer, SearchResult
-from .errors import DimensionMismatchError, InvalidInputError, NotTrainedError, RvqstoreError
+from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError,
+                     EmptyStoreError, InvalidInputError, NotTrainedError, OriginalsMissingError,
+                     ReadOnlyError, RvqstoreError, SchemaTooNewError, StoreClosedError,
+                     UnknownIdError)
+from .store import Store
 
 __version__ = "0.1.0"
 
-__all__ = ["ResidualQuantizer", "ProductQuantizer", "SearchResult", "RvqstoreError",
-           "InvalidInputError", "DimensionMismatchError", "NotTrainedError", "__version__"]
+__all__ = ["Store", "SearchResult", "ResidualQuantizer", "ProductQuantizer", "RvqstoreError",
+           "InvalidInputError", "DimensionMismatchError", "DuplicateError", "UnknownIdError",
+           "EmptyStoreError", "ConfigMismatchError", "StoreClosedError", "ReadOnlyError",
+           "BadFileError", "SchemaTooNewError", "NotTrainedError", "OriginalsMissingError",
+           "__version__"]

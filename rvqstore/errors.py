@@ -20,3 +20,42 @@ class DimensionMismatchError(InvalidInputError):
 
 class NotTrainedError(RvqstoreError, RuntimeError):
     """An operation needs trained codebooks and there are none."""
+
+
+class DuplicateError(InvalidInputError):
+    """An id or key is given twice, or is already in the store."""
+
+
+class UnknownIdError(RvqstoreError, KeyError):
+    """Ids or keys asked for are not in the store."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class EmptyStoreError(RvqstoreError, LookupError):
+    """A search on a store with no vectors."""
+
+
+class ConfigMismatchError(RvqstoreError, ValueError):
+    """An argument to ``Store.open`` conflicts with the configuration stored in the file."""
+
+
+class StoreClosedError(RvqstoreError, RuntimeError):
+    """The store was used after ``close()``."""
+
+
+class ReadOnlyError(RvqstoreError, PermissionError):
+    """A write on a store opened read-only, or on a file that cannot be written."""
+
+
+class BadFileError(RvqstoreError, OSError):
+    """The file is not an rvqstore store, or it is truncated or corrupted."""
+
+
+class SchemaTooNewError(BadFileError):
+    """The file was written by a newer rvqstore; it is refused and left untouched."""
+
+
+class OriginalsMissingError(RvqstoreError, RuntimeError):
+    """The operation needs the original vectors and the store does not keep them."""

@@ -71,7 +71,7 @@ def _repair_empty(centroids, counts, rng):
 
 
 def kmeans(x, k, *, n_iter=20, seed=0, max_points_per_centroid=256, init_points_per_centroid=32,
-           n_trials=None, tol=1e-4):
+           n_trials=None, tol=1e-4, progressive_dim=False):
     """Cluster the rows of ``x`` into ``k`` centroids.
 
     Parameters
@@ -86,6 +86,10 @@ def kmeans(x, k, *, n_iter=20, seed=0, max_points_per_centroid=256, init_points_
         k-means++ runs on a subsample of at most ``k * init_points_per_centroid`` rows,
         since each of its k steps reads every row.
     n_trials : int, candidates per k-means++ step (default 2 + log k)
+    progressive_dim : bool
+        Cluster in the PCA basis on a growing number of leading dimensions, each step
+        starting from the previous centroids (faiss's progressive-dimension k-means):
+        slower, and a better optimum in high dimensions.
 
     Returns
     -------
@@ -97,19 +101,26 @@ def kmeans(x, k, *, n_iter=20, seed=0, max_points_per_centroid=256, init_points_
     if x.shape[0] < k:
         raise InvalidInputError(f"k-means needs at least k={k} training vectors, got {x.shape[0]}")
     rng = np.random.default_rng(seed)
-    return _kmeans(x, int(k), n_iter, rng, max_points_per_centroid, init_points_per_centroid,
-                   n_trials, tol)
-
-
-def _kmeans(x, k, n_iter, rng, max_ppc, init_ppc, n_trials, tol):
+    k = int(k)
     n = x.shape[0]
-    if max_ppc and n > k * max_ppc:
-        x = x[np.sort(rng.choice(n, k * max_ppc, replace=False))]
-        n = x.shape[0]
-    init = x if n <= k * init_ppc else x[rng.choice(n, k * init_ppc, replace=False)]
+    if max_points_per_centroid and n > k * max_points_per_centroid:
+        x = x[np.sort(rng.choice(n, k * max_points_per_centroid, replace=False))]
     if n_trials is None:
         n_trials = 2 + int(np.log(k))
-    centroids = _kmeans_plusplus(init, k, rng, n_trials)
+    if progressive_dim and x.shape[1] > 1:
+        return _kmeans_progressive(x, k, n_iter, rng, init_points_per_centroid, n_trials, tol)
+    centroids = _seed(x, k, rng, init_points_per_centroid, n_trials)
+    return _lloyd(x, centroids, n_iter, rng, tol)
+
+
+def _seed(x, k, rng, init_ppc, n_trials):
+    n = x.shape[0]
+    init = x if n <= k * init_ppc else x[rng.choice(n, k * init_ppc, replace=False)]
+    return _kmeans_plusplus(init, k, rng, n_trials)
+
+
+def _lloyd(x, centroids, n_iter, rng, tol):
+    k = centroids.shape[0]
     prev = np.inf
     for _ in range(n_iter):
         labels, dist = assign(x, centroids)
@@ -122,3 +133,23 @@ def _kmeans(x, k, n_iter, rng, max_ppc, init_ppc, n_trials, tol):
             break
         prev = obj
     return centroids
+
+
+def _kmeans_progressive(x, k, n_iter, rng, init_ppc, n_trials, tol, steps=10):
+    d = x.shape[1]
+    mean = x.mean(axis=0)
+    xc = x - mean
+    _, vecs = np.linalg.eigh((xc.T @ xc).astype(np.float64))
+    basis = np.ascontiguousarray(vecs[:, ::-1]).astype(np.float32)  # leading components first
+    xr = xc @ basis
+    dims = sorted({max(1, min(d, int(round(d ** ((i + 1) / steps))))) for i in range(steps)} | {d})
+    centroids = None
+    for di in dims:
+        xs = np.ascontiguousarray(xr[:, :di])
+        if centroids is None:
+            start = _seed(xs, k, rng, init_ppc, n_trials)
+        else:
+            start = np.zeros((k, di), dtype=np.float32)
+            start[:, :centroids.shape[1]] = centroids
+        centroids = _lloyd(xs, start, n_iter, rng, tol)
+    return (centroids @ basis.T + mean).astype(np.float32)

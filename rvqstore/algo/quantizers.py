@@ -59,7 +59,8 @@ class ResidualQuantizer:
 
     @classmethod
     def train(cls, x, *, stages=16, codebook_size=256, beam_width=1, refine_rounds=0,
-              n_iter=20, seed=0, max_points_per_centroid=256, progress=None):
+              n_iter=20, seed=0, max_points_per_centroid=256, progressive_dim=False,
+              progress=None):
         """Fit the codebooks stage by stage on the residuals of ``x``.
 
         Parameters
@@ -72,6 +73,7 @@ class ResidualQuantizer:
         refine_rounds : int, rounds of least-squares codebook refinement after training
         seed : int or numpy.random.Generator
         max_points_per_centroid : int, k-means subsample cap per stage
+        progressive_dim : bool, use progressive-dimension k-means (see :func:`kmeans`)
         progress : callable(phase, done, total) or None
 
         Returns
@@ -96,7 +98,8 @@ class ResidualQuantizer:
         for s in range(stages):
             _report(progress, "train", s, stages)
             books[s] = kmeans(residual, codebook_size, n_iter=n_iter, seed=rng,
-                              max_points_per_centroid=max_points_per_centroid)
+                              max_points_per_centroid=max_points_per_centroid,
+                              progressive_dim=progressive_dim)
             if beam_width == 1:
                 labels, _ = assign(residual, books[s])
                 residual -= books[s][labels]

@@ -5,7 +5,7 @@ Distances are "smaller is nearer" for every metric: squared L2 for ``l2``,
 normalised by the caller, see :func:`normalize`).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -15,10 +15,12 @@ from .validate import check_k, check_metric
 
 
 class SearchResult(NamedTuple):
-    """ids : int64 (nq, k), -1 where fewer than k were found; distances : float32 (nq, k), +inf there."""
+    """ids : int64 (nq, k), -1 where fewer than k were found; distances : float32 (nq, k),
+    +inf there; keys : nested lists of str or None, when asked for."""
 
     ids: np.ndarray
     distances: np.ndarray
+    keys: Optional[list] = None
 
 
 def normalize(x):

@@ -1,0 +1,164 @@
+"""The codec benchmark: the prototype's table on real data, with faiss side by side.
+
+    python -m benchmarks.codec ../shared/data/wordnet-minilm [--no-faiss] [--quick]
+
+Prints a markdown table: code bytes/vector, 10-recall@10, 1-recall@1, QPS single (one
+query per call) and batch, both on 1 thread, training seconds and encoding rate (2 threads),
+then the distortion per stage of RVQ S=16 and the target ratios. faiss, when installed
+(``pip install '.[bench]'``), is measured in the same run with the same thread limits.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from rvqstore.algo import ProductQuantizer, ResidualQuantizer, adc_search, exact_search, rerank
+
+from .common import Threads, fmt, load_dataset, markdown_table, qps_batch, qps_single, recall
+
+HEADERS = ["index", "code bytes/vec", "10-recall@10", "1-recall@1", "QPS single", "QPS batch",
+           "train s", "encode vec/s", "recall decoded"]
+
+
+def measure(name, nbytes, search_one, search_all, base_queries, gt, train_s="", enc_rate="",
+            decoded=None, repeats=3):
+    with Threads(1):
+        res = search_all(base_queries)
+        single = qps_single(search_one, base_queries, repeats)
+        batch = qps_batch(search_all, base_queries, repeats)
+    row = dict(index=name, bytes=nbytes, r10=recall(res, gt, 10, 10), r1=recall(res, gt, 1, 1),
+               single=single, batch=batch, train=train_s, enc=enc_rate, decoded=decoded)
+    print("  " + " | ".join(fmt(v) for v in row.values()), flush=True)
+    return row
+
+
+def codec_rows(base, queries, gt, args):
+    rows = []
+    rows.append(measure(
+        "exact flat (numpy)", base.shape[1] * 4,
+        lambda q: exact_search(base, q, k=10).ids, lambda q: exact_search(base, q, k=10).ids,
+        queries, gt))
+
+    for M in args.pq:
+        t = time.perf_counter()
+        pq = ProductQuantizer.train(base, subspaces=M, seed=0)
+        train_s = time.perf_counter() - t
+        t = time.perf_counter()
+        codes = pq.encode(base)
+        rate = len(base) / (time.perf_counter() - t)
+        search = lambda q, pq=pq, codes=codes: adc_search(pq, codes, q, k=10).ids
+        rows.append(measure(f"PQ M={M}", M, search, search, queries, gt, train_s, rate))
+
+    distortion = None
+    for S in args.stages:
+        t = time.perf_counter()
+        rq = ResidualQuantizer.train(base, stages=S, seed=0, progressive_dim=True, n_iter=10)
+        train_s = time.perf_counter() - t
+        for beam in (1, args.beam):
+            t = time.perf_counter()
+            codes = rq.encode(base, beam_width=beam)
+            rate = len(base) / (time.perf_counter() - t)
+            norms = rq.norms(codes)
+            dec = recall(exact_search(rq.decode(codes), queries, k=10).ids, gt)
+            search = lambda q, rq=rq, codes=codes, norms=norms: adc_search(
+                rq, codes, q, k=10, bias=norms).ids
+            label = f"RVQ S={S} " + ("greedy" if beam == 1 else f"beam {beam}")
+            rows.append(measure(label, S + 4, search, search, queries, gt, train_s, rate, dec))
+            if S == 16 and beam == args.beam:
+                distortion = rq.distortion_per_stage(base, codes)
+            if S in args.rerank_stages and beam == args.rerank_beam:
+                for factor in args.rerank:
+                    def search_rr(q, rq=rq, codes=codes, norms=norms, factor=factor):
+                        cand = adc_search(rq, codes, q, k=10 * factor, bias=norms).ids
+                        return rerank(q, cand, lambda ids: base[ids], k=10).ids
+                    rows.append(measure(f"{label} + rerank x{factor}", S + 4, search_rr,
+                                        search_rr, queries, gt, train_s, rate))
+    return rows, distortion
+
+
+def faiss_rows(base, queries, gt, args):
+    import faiss
+
+    rows = []
+
+    def run(name, index, nbytes, decoded=False):
+        with Threads(2, faiss):
+            t = time.perf_counter()
+            index.train(base)
+            train_s = time.perf_counter() - t
+            t = time.perf_counter()
+            index.add(base)
+            rate = len(base) / (time.perf_counter() - t)
+        dec = None
+        if decoded:  # the stored codes ranked exactly: decode them, brute force
+            codes = faiss.vector_to_array(index.codes).reshape(index.ntotal, index.code_size)
+            dec = recall(exact_search(index.sa_decode(codes), queries, k=10).ids, gt)
+        with Threads(1, faiss):
+            search = lambda q: index.search(q, 10)[1]
+            rows.append(measure(name, nbytes, search, search, queries, gt, train_s, rate, dec))
+        return index
+
+    d = base.shape[1]
+    run("faiss IndexPQ M=16", faiss.IndexPQ(d, 16, 8), 16)
+    rq = faiss.IndexResidualQuantizer(d, 16, 8, faiss.METRIC_L2,
+                                      faiss.AdditiveQuantizer.ST_norm_float)
+    name = f"faiss IndexResidualQuantizer M=16 beam {rq.rq.max_beam_size}"
+    run(name, rq, 16 + 4, decoded=True)
+    refine = faiss.IndexRefineFlat(rq)
+    refine.k_factor = 10
+    with Threads(1, faiss):
+        search = lambda q: refine.search(q, 10)[1]
+        rows.append(measure(f"faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
+                            search, search, queries, gt))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dataset", help="folder with base.npy, queries.npy, gt_l2.npy")
+    p.add_argument("--no-faiss", action="store_true", help="skip the faiss rows")
+    p.add_argument("--quick", action="store_true", help="fewer rows, for a smoke run")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N base vectors")
+    p.add_argument("--beam", type=int, default=5)
+    args = p.parse_args(argv)
+    args.pq = [8, 16, 32] if not args.quick else [16]
+    args.stages = [4, 8, 16, 32] if not args.quick else [16]
+    args.rerank_stages, args.rerank_beam, args.rerank = (8, 16), 1, (2, 4, 10)
+
+    base, queries, gt = load_dataset(args.dataset)
+    if args.limit:
+        base = base[: args.limit]
+        gt = exact_search(base, queries, k=10).ids
+    import numba
+    import numpy
+
+    print(f"# dataset {args.dataset}: base {base.shape}, queries {queries.shape}")
+    print(f"# numpy {numpy.__version__}, numba {numba.__version__}, cores {numba.config.NUMBA_NUM_THREADS}; "
+          "search on 1 thread, training and encoding on 2", flush=True)
+    rows, distortion = codec_rows(base, queries, gt, args)
+    if not args.no_faiss:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            print("# faiss not installed: pip install '.[bench]' for its rows")
+        else:
+            rows += faiss_rows(base, queries, gt, args)
+
+    print()
+    print(markdown_table(HEADERS, [[fmt(v) for v in r.values()] for r in rows]))
+    if distortion is not None:
+        print()
+        print(markdown_table(["stage", "MSE", "reduction from stage 1"],
+                             [[s + 1, f"{m:.4f}", f"{1 - m / distortion[0]:.1%}"]
+                              for s, m in enumerate(distortion)]))
+    by = {r["index"]: r for r in rows}
+    pq16 = by.get("faiss IndexPQ M=16")
+    ours = by.get(f"RVQ S=16 beam {args.beam}") or by.get("RVQ S=16 greedy")
+    if pq16 and ours:
+        print(f"\nQPS single, RVQ S=16 ({ours['index']}) / faiss IndexPQ M=16: "
+              f"{ours['single'] / pq16['single']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""SQLite and bytes: the connection, migrations, blob framing. No distance math here."""
+
+from .blobs import (ORIGINAL_FORMATS, pack_block, pack_codebooks, pack_originals, unpack_block,
+                    unpack_codebooks, unpack_originals)
+from .db import Database
+
+__all__ = ["Database", "ORIGINAL_FORMATS", "pack_block", "pack_codebooks", "pack_originals",
+           "unpack_block", "unpack_codebooks", "unpack_originals"]

@@ -1,0 +1,285 @@
+"""The SQLite side of a store: connection, pragmas, transactions and the queries.
+
+Knows bytes and rows, never distances. One ``Database`` per open store.
+"""
+
+import contextlib
+import os
+import sqlite3
+import stat
+
+import sqlite_utils
+
+from ..errors import BadFileError, ReadOnlyError
+from . import migrations
+
+APPLICATION_ID = 0x52565153  # "RVQS" in the SQLite header marks the file as a store
+MMAP_BYTES = 1 << 30
+
+
+def _classify(exc, path):
+    """Turn SQLite's errors about the file itself into rvqstore errors."""
+    msg = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in msg or "malformed" in msg or "disk image" in msg):
+        return BadFileError(f"{path} is not an rvqstore file or is corrupted ({msg})")
+    if "readonly" in msg or "read-only" in msg:
+        return ReadOnlyError(f"{path} cannot be written ({msg})")
+    return exc
+
+
+class Database:
+    """An open store file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    readonly : bool, open without write access (many readers may do so at once)
+    """
+
+    def __init__(self, path, *, readonly=False):
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        exists = os.path.exists(self.path)
+        if not readonly and exists and not os.stat(self.path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+            raise ReadOnlyError(f"{self.path} is a read-only file: open it with readonly=True")
+        if readonly and not exists:
+            raise BadFileError(f"{self.path} does not exist")
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.conn = conn
+            self.db = sqlite_utils.Database(conn)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            self._check_identity()
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")  # WAL: safe against a killed process
+                migrations.apply_pending(conn, self.path)
+                if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            raise _classify(exc, self.path) from exc
+
+    def _check_identity(self):
+        app = self.conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = set(self.db.table_names())
+        version = migrations.applied_version(self.conn)
+        if app not in (0, APPLICATION_ID) or (tables and "rvq_migrations" not in tables):
+            raise BadFileError(f"{self.path} is an SQLite file but not an rvqstore store")
+        migrations.check_not_newer(version, self.path)
+        if self.readonly and version == 0:
+            raise BadFileError(f"{self.path} is not an rvqstore store (no schema)")
+        if version and not {"rvq_meta", "rvq_vectors", "rvq_blocks", "rvq_codebooks"} <= tables:
+            raise BadFileError(f"{self.path} is missing rvqstore tables: the file is corrupted")
+
+    def close(self):
+        self.conn.close()
+
+    # -- transactions -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self):
+        """One all-or-nothing write transaction (BEGIN IMMEDIATE: one writer at a time)."""
+        if self.readonly:
+            raise ReadOnlyError(f"{self.path} was opened read-only")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _classify(exc, self.path) from exc
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise _classify(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def read(self):
+        """A consistent snapshot for several reads (one deferred transaction)."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
+
+    def data_version(self):
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def query(self, sql, params=()):
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.DatabaseError as exc:
+            raise _classify(exc, self.path) from exc
+
+    # -- meta -------------------------------------------------------------------------------
+
+    def meta(self):
+        return dict(self.query("SELECT key, value FROM rvq_meta").fetchall())
+
+    def set_meta(self, **values):
+        self.conn.executemany("INSERT OR REPLACE INTO rvq_meta VALUES (?, ?)",
+                              [(k, str(v)) for k, v in values.items()])
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def count(self):
+        return self.query("SELECT COUNT(*) FROM rvq_vectors").fetchone()[0]
+
+    def insert_vectors(self, ids, keys, blobs):
+        self.conn.executemany("INSERT INTO rvq_vectors (id, key, vector) VALUES (?, ?, ?)",
+                              zip(ids, keys, blobs))
+
+    def _in_chunks(self, sql, values, chunk=900):
+        values = list(values)
+        out = []
+        for i in range(0, len(values), chunk):
+            part = values[i:i + chunk]
+            out += self.query(sql.format(",".join("?" * len(part))), part).fetchall()
+        return out
+
+    def existing_ids(self, ids):
+        return [r[0] for r in self._in_chunks("SELECT id FROM rvq_vectors WHERE id IN ({})", ids)]
+
+    def existing_keys(self, keys):
+        return [r[0] for r in self._in_chunks("SELECT key FROM rvq_vectors WHERE key IN ({})", keys)]
+
+    def ids_for_keys(self, keys):
+        return dict(self._in_chunks("SELECT key, id FROM rvq_vectors WHERE key IN ({})", keys))
+
+    def keys_for_ids(self, ids):
+        return dict(self._in_chunks("SELECT id, key FROM rvq_vectors WHERE id IN ({})", ids))
+
+    def fetch_vectors(self, ids):
+        """{id: blob} for the ids present."""
+        return dict(self._in_chunks("SELECT id, vector FROM rvq_vectors WHERE id IN ({})", ids))
+
+    def delete_vectors(self, ids):
+        n = 0
+        for i in range(0, len(ids), 900):
+            part = list(ids[i:i + 900])
+            n += self.conn.execute(
+                f"DELETE FROM rvq_vectors WHERE id IN ({','.join('?' * len(part))})", part).rowcount
+        return n
+
+    def iter_vectors(self, batch=8192, *, after=None):
+        """Yield (ids, blobs) of the stored vectors in id order, ``batch`` at a time."""
+        last = -(1 << 63) if after is None else after
+        while True:
+            rows = self.query("SELECT id, vector FROM rvq_vectors WHERE id > ? ORDER BY id LIMIT ?",
+                              (last, batch)).fetchall()
+            if not rows:
+                return
+            yield [r[0] for r in rows], [r[1] for r in rows]
+            last = rows[-1][0]
+
+    def all_ids(self):
+        return [r[0] for r in self.query("SELECT id FROM rvq_vectors ORDER BY id")]
+
+    def clear_originals(self):
+        self.conn.execute("UPDATE rvq_vectors SET vector = NULL")
+
+    def max_id(self):
+        return self.query("SELECT MAX(id) FROM rvq_vectors").fetchone()[0]
+
+    # -- tombstones -------------------------------------------------------------------------
+
+    def add_tombstones(self, ids):
+        self.conn.executemany("INSERT OR IGNORE INTO rvq_deleted VALUES (?)", ((int(i),) for i in ids))
+
+    def tombstones(self):
+        return [r[0] for r in self.query("SELECT id FROM rvq_deleted")]
+
+    def clear_tombstones(self, ids=None):
+        if ids is None:
+            self.conn.execute("DELETE FROM rvq_deleted")
+        else:
+            self.conn.executemany("DELETE FROM rvq_deleted WHERE id = ?", ((int(i),) for i in ids))
+
+    # -- codebooks and blocks ---------------------------------------------------------------
+
+    def insert_codebooks(self, version, state, stages, size, dim, data, train_count, train_mse):
+        self.conn.execute(
+            "INSERT INTO rvq_codebooks (version, state, stages, codebook_size, dim, data, "
+            "created_at, train_count, train_mse) VALUES (?, ?, ?, ?, ?, ?, datetime('now'), ?, ?)",
+            (version, state, stages, size, dim, data, train_count, train_mse))
+
+    def codebooks_row(self, version):
+        cur = self.query("SELECT * FROM rvq_codebooks WHERE version = ?", (version,))
+        row = cur.fetchone()
+        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+
+    def next_version(self):
+        return self.query("SELECT COALESCE(MAX(version), 0) + 1 FROM rvq_codebooks").fetchone()[0]
+
+    def set_codebook_state(self, version, state):
+        self.conn.execute("UPDATE rvq_codebooks SET state = ? WHERE version = ?", (state, version))
+
+    def record_added_error(self, version, count, sq_error):
+        self.conn.execute("UPDATE rvq_codebooks SET added_count = added_count + ?, "
+                          "added_sq_error = added_sq_error + ? WHERE version = ?",
+                          (count, sq_error, version))
+
+    def drop_versions(self, keep):
+        """Delete every codebook version but ``keep``, with their blocks."""
+        self.conn.execute("DELETE FROM rvq_blocks WHERE version != ?", (keep,))
+        self.conn.execute("DELETE FROM rvq_codebooks WHERE version != ?", (keep,))
+
+    def stale_building_versions(self, active):
+        return [r[0] for r in self.query(
+            "SELECT version FROM rvq_codebooks WHERE state = 'building' AND version != ?",
+            (active,))]
+
+    def drop_version(self, version):
+        self.conn.execute("DELETE FROM rvq_blocks WHERE version = ?", (version,))
+        self.conn.execute("DELETE FROM rvq_codebooks WHERE version = ?", (version,))
+
+    def write_block(self, version, block, count, ids, codes, norms):
+        self.conn.execute("INSERT OR REPLACE INTO rvq_blocks VALUES (?, ?, ?, ?, ?, ?)",
+                          (version, block, count, ids, codes, norms))
+
+    def read_blocks(self, version):
+        return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks "
+                          "WHERE version = ? ORDER BY block", (version,)).fetchall()
+
+    def delete_blocks(self, version):
+        self.conn.execute("DELETE FROM rvq_blocks WHERE version = ?", (version,))
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def vacuum(self):
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def integrity_check(self):
+        return [r[0] for r in self.query("PRAGMA integrity_check")]
+
+    def bytes_by_part(self):
+        """Stored bytes of originals, codes, codebooks and the whole file (with its WAL)."""
+        q = lambda sql: self.query(sql).fetchone()[0] or 0
+        size = os.path.getsize(self.path)
+        wal = self.path + "-wal"
+        return {
+            "originals": q("SELECT SUM(LENGTH(vector)) FROM rvq_vectors"),
+            "keys": q("SELECT SUM(LENGTH(key)) FROM rvq_vectors"),
+            "codes": q("SELECT SUM(LENGTH(codes) + LENGTH(norms) + LENGTH(ids)) FROM rvq_blocks"),
+            "codebooks": q("SELECT SUM(LENGTH(data)) FROM rvq_codebooks"),
+            "file": size,
+            "wal": os.path.getsize(wal) if os.path.exists(wal) else 0,
+        }

@@ -1,0 +1,90 @@
+"""Numbered SQL migrations, applied in order, each recorded in the same transaction.
+
+The files live in the top-level ``migrations/`` folder of the source tree and ship inside
+the wheel as the ``rvqstore.migrations`` package data.
+"""
+
+import importlib.resources
+import pathlib
+import re
+import sqlite3
+
+from ..errors import SchemaTooNewError
+
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def _migration_files():
+    candidates = []
+    try:
+        candidates.append(importlib.resources.files("rvqstore.migrations"))
+    except ModuleNotFoundError:
+        pass
+    candidates.append(pathlib.Path(__file__).resolve().parents[2] / "migrations")
+    for folder in candidates:
+        try:
+            files = sorted((f.name, f) for f in folder.iterdir() if _NAME.match(f.name))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if files:
+            return [(int(_NAME.match(n).group(1)), n, f) for n, f in files]
+    raise RuntimeError("rvqstore's migrations/ folder is missing from this installation")
+
+
+MIGRATIONS = _migration_files()
+LATEST = MIGRATIONS[-1][0]
+
+BOOTSTRAP = """CREATE TABLE IF NOT EXISTS rvq_migrations (
+    version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"""
+
+
+def applied_version(conn):
+    """Highest applied migration, 0 for a file without the migrations table."""
+    row = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name='rvq_migrations'").fetchone()
+    if row is None:
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM rvq_migrations").fetchone()[0]
+
+
+def check_not_newer(version, path):
+    if version > LATEST:
+        raise SchemaTooNewError(
+            f"{path} has schema version {version}, this rvqstore knows up to {LATEST}: "
+            "upgrade rvqstore to open it (the file was left untouched)")
+
+
+def apply_pending(conn, path):
+    """Apply every migration newer than the file's, each in its own transaction."""
+    current = applied_version(conn)
+    check_not_newer(current, path)
+    for version, name, file in MIGRATIONS:
+        if version <= current:
+            continue
+        sql = file.read_text(encoding="utf-8")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(BOOTSTRAP)
+            # executescript would commit first; run statement by statement in our transaction
+            for stmt in _statements(sql):
+                conn.execute(stmt)
+            conn.execute("INSERT INTO rvq_migrations VALUES (?, ?, datetime('now'))",
+                         (version, name))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(sql):
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip():
+        yield buf

@@ -1,0 +1,632 @@
+"""The Store: one SQLite file of codebooks, code blocks and originals, searched by ADC + rerank.
+
+This facade is the only module that joins the codec (:mod:`rvqstore.algo`) and the file
+(:mod:`rvqstore.storage`).
+"""
+
+import numpy as np
+
+from . import algo
+from .algo import ResidualQuantizer, SearchResult
+from .algo.validate import as_matrix, check_k, check_metric
+from .errors import (ConfigMismatchError, DuplicateError, EmptyStoreError, InvalidInputError,
+                     NotTrainedError, OriginalsMissingError, RvqstoreError, StoreClosedError,
+                     UnknownIdError)
+from .storage import (ORIGINAL_FORMATS, Database, pack_block, pack_codebooks, pack_originals,
+                      unpack_block, unpack_codebooks, unpack_originals)
+
+DEFAULT_RERANK = 10
+"""Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
+
+_CONFIG = {  # name: (type, default)
+    "dim": (int, None),
+    "metric": (str, "l2"),
+    "stages": (int, 16),
+    "codebook_size": (int, 256),
+    "keep_originals": (bool, True),
+    "originals": (str, "float32"),
+    "block_size": (int, 16384),
+    "train_beam": (int, 1),
+    "add_beam": (int, 1),
+    "train_sample": (int, 65536),
+    "seed": (int, 0),
+}
+
+
+def _parse(kind, text):
+    return (text == "1") if kind is bool else kind(text)
+
+
+def _report(progress, phase, done, total):
+    if progress is not None:
+        progress(phase, done, total)
+
+
+class Store:
+    """A persistent vector store in one SQLite file.
+
+    Open with :meth:`Store.open`; use as a context manager. See the README for the
+    guarantees (atomic batches, crash safety, concurrent readers).
+    """
+
+    def __init__(self, db, config):
+        self._db = db
+        self.config = config
+        self._closed = False
+        self._seen_version = None
+        self._state = None  # in-memory arrays, loaded lazily and refreshed on change
+
+    # -- opening and closing ----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
+             keep_originals=None, originals=None, readonly=False, block_size=None,
+             train_beam=None, add_beam=None, train_sample=None, seed=None):
+        """Open the store at ``path``, creating it when missing (unless ``readonly``).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        dim : int, vector dimension (taken from the first add when omitted on creation)
+        metric : "l2" (squared L2), "ip" (distance -<q, x>) or "cosine" (1 - cos)
+        stages : int in [1, 64], RVQ stages = code bytes per vector (default 16)
+        codebook_size : int in [2, 256], codewords per stage (default 256)
+        keep_originals : bool, keep the vectors for rerank, get() and retrain (default True)
+        originals : "float32", "float16" or "zstd", how originals are stored
+        readonly : bool, open without write access
+        block_size : int, vectors per code block (default 16384)
+        train_beam, add_beam : int, beam width when (re)training encodes everything and
+            when add() encodes new vectors (default 1, greedy: see the README's measurements)
+        train_sample : int, vectors sampled to fit the codebooks (default 65536)
+        seed : int, seed of training
+
+        On an existing file the configuration is read from the file, and an argument
+        that conflicts with it is an error naming both values.
+        """
+        given = dict(dim=dim, metric=metric, stages=stages, codebook_size=codebook_size,
+                     keep_originals=keep_originals, originals=originals, block_size=block_size,
+                     train_beam=train_beam, add_beam=add_beam, train_sample=train_sample,
+                     seed=seed)
+        db = Database(path, readonly=readonly)
+        try:
+            stored = db.meta()
+            if stored:
+                config = {k: _parse(t, stored[k]) if k in stored else d
+                          for k, (t, d) in _CONFIG.items()}
+                if "dim" in stored:
+                    config["dim"] = int(stored["dim"])
+                for name, value in given.items():
+                    if value is not None and config[name] is not None and value != config[name]:
+                        raise ConfigMismatchError(
+                            f"{name}={value!r} was asked for, but {db.path} has {name}={config[name]!r}")
+                if config["dim"] is None and dim is not None and not readonly:
+                    with db.write():
+                        db.set_meta(dim=dim)
+                    config["dim"] = dim
+            else:
+                config = {k: (given[k] if given[k] is not None else d) for k, (t, d) in _CONFIG.items()}
+                cls._validate_config(config)
+                if readonly:
+                    raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
+                with db.write():
+                    db.set_meta(format=1, active_version=0, next_id=0,
+                                **{k: (int(v) if isinstance(v, bool) else v)
+                                   for k, v in config.items() if v is not None})
+            store = cls(db, config)
+            if not readonly:
+                store._drop_stale_builds()
+            return store
+        except BaseException:
+            db.close()
+            raise
+
+    @staticmethod
+    def _validate_config(c):
+        check_metric(c["metric"])
+        if c["dim"] is not None and (not isinstance(c["dim"], int) or c["dim"] < 1):
+            raise InvalidInputError(f"dim must be a positive integer, got {c['dim']!r}")
+        if not 1 <= c["stages"] <= 64:
+            raise InvalidInputError(f"stages must be in [1, 64], got {c['stages']}")
+        if not 2 <= c["codebook_size"] <= 256:
+            raise InvalidInputError(f"codebook_size must be in [2, 256], got {c['codebook_size']}")
+        if c["originals"] not in ORIGINAL_FORMATS:
+            raise InvalidInputError(
+                f"originals must be one of {', '.join(ORIGINAL_FORMATS)}, got {c['originals']!r}")
+        for name in ("block_size", "train_beam", "add_beam", "train_sample"):
+            if c[name] < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {c[name]}")
+
+    def close(self):
+        """Close the file; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._state = None
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _live(self):
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+        return self._db
+
+    @property
+    def path(self):
+        return self._db.path
+
+    @property
+    def dim(self):
+        return self.config["dim"]
+
+    @property
+    def metric(self):
+        return self.config["metric"]
+
+    # -- in-memory state --------------------------------------------------------------------
+
+    def _meta_int(self, meta, name):
+        return int(meta.get(name, 0))
+
+    def _current(self):
+        """The in-memory arrays, reloaded when this or another connection has committed."""
+        db = self._live()
+        dv = db.data_version()
+        if self._state is not None and dv == self._seen_version:
+            return self._state
+        with db.read():
+            meta = db.meta()
+            version = self._meta_int(meta, "active_version")
+            state = {"version": version, "count": db.count()}
+            if version:
+                row = db.codebooks_row(version)
+                c = self.config
+                state["rq"] = ResidualQuantizer(unpack_codebooks(
+                    row["data"], row["stages"], row["codebook_size"], row["dim"]))
+                state["codebook_row"] = row
+                blocks = [unpack_block(cnt, row["stages"], i, cd, nm)
+                          for _, cnt, i, cd, nm in db.read_blocks(version)]
+                if blocks:
+                    ids, codes, norms = (np.concatenate(p) for p in zip(*blocks))
+                else:
+                    ids = np.empty(0, np.int64)
+                    codes = np.empty((0, row["stages"]), np.uint8)
+                    norms = np.empty(0, np.float32)
+                bias = norms.copy() if c["metric"] == "l2" else np.zeros(len(ids), np.float32)
+                dead = db.tombstones()
+                if dead:
+                    bias[np.isin(ids, np.asarray(dead, np.int64))] = np.inf
+                state.update(ids=ids, codes=np.ascontiguousarray(codes), norms=norms, bias=bias)
+            else:
+                ids, vecs = self._load_all_originals(db)
+                state.update(ids=ids, vectors=vecs)
+        self._state = state
+        self._seen_version = db.data_version()
+        return state
+
+    def _load_all_originals(self, db):
+        ids, blobs = [], []
+        for bid, bblobs in db.iter_vectors():
+            ids += bid
+            blobs += bblobs
+        if not ids:
+            return np.empty(0, np.int64), np.empty((0, self.dim or 0), np.float32)
+        return np.asarray(ids, np.int64), self._unpack(blobs)
+
+    def _unpack(self, blobs):
+        if any(b is None for b in blobs):
+            raise OriginalsMissingError("this store does not keep original vectors")
+        return unpack_originals(blobs, self.config["originals"], self.dim)
+
+    def _invalidate(self):
+        self._state = None
+
+    # -- input checks -----------------------------------------------------------------------
+
+    def _vectors(self, x, name="vectors", allow_1d=False):
+        if self.dim is None:
+            arr = as_matrix(x, name=name, allow_1d=allow_1d)
+        else:
+            arr = as_matrix(x, name=name, dim=self.dim, allow_1d=allow_1d)
+        if self.metric == "cosine":
+            arr = algo.normalize(arr)
+        return arr
+
+    @staticmethod
+    def _id_array(ids, name="ids"):
+        arr = np.asarray(ids)
+        if arr.ndim == 0:
+            arr = arr[None]
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise InvalidInputError(f"{name} must be a 1-D sequence of integers, got {arr.dtype} {arr.shape}")
+        return arr.astype(np.int64)
+
+    @staticmethod
+    def _key_list(keys, n):
+        keys = list(keys)
+        if len(keys) != n:
+            raise InvalidInputError(f"got {len(keys)} keys for {n} vectors")
+        bad = [k for k in keys if not isinstance(k, str)]
+        if bad:
+            raise InvalidInputError(f"keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
+        return keys
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def add(self, vectors, *, ids=None, keys=None, progress=None):
+        """Add vectors in one transaction; returns their ids.
+
+        Parameters
+        ----------
+        vectors : array-like of shape (n, dim)
+        ids : sequence of n distinct int64 not in the store, or None to number them
+        keys : sequence of n distinct str not in the store, or None
+        progress : callable(phase, done, total) or None
+
+        Returns
+        -------
+        ids : int64 ndarray of shape (n,)
+
+        Once trained, new vectors are encoded with the current codebooks at once.
+        """
+        db = self._live()
+        x = self._vectors(vectors)
+        n = len(x)
+        if keys is not None:
+            keys = self._key_list(keys, n)
+            if len(set(keys)) != n:
+                raise DuplicateError("keys contain duplicates")
+        if ids is not None:
+            ids = self._id_array(ids)
+            if len(ids) != n:
+                raise InvalidInputError(f"got {len(ids)} ids for {n} vectors")
+            if len(np.unique(ids)) != n:
+                raise DuplicateError("ids contain duplicates")
+        with db.write():
+            meta = db.meta()
+            if self.dim is None:
+                self.config["dim"] = x.shape[1]
+                db.set_meta(dim=x.shape[1])
+            next_id = self._meta_int(meta, "next_id")
+            if ids is None:
+                ids = np.arange(next_id, next_id + n, dtype=np.int64)
+            else:
+                taken = db.existing_ids(ids.tolist())
+                if taken:
+                    raise DuplicateError(f"ids already in the store: {sorted(taken)[:5]}")
+            if keys is not None:
+                taken = db.existing_keys(keys)
+                if taken:
+                    raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
+            version = self._meta_int(meta, "active_version")
+            keep = self.config["keep_originals"] or not version
+            blobs = pack_originals(x, self.config["originals"]) if keep else [None] * n
+            db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * n, blobs)
+            if version:
+                self._append_codes(db, version, x, ids, progress)
+            db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
+        self._invalidate()
+        return ids
+
+    def _append_codes(self, db, version, x, ids, progress):
+        row = db.codebooks_row(version)
+        rq = ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
+                                                row["dim"]))
+        codes = rq.encode(x, beam_width=self.config["add_beam"], progress=progress)
+        xh = rq.decode(codes)
+        norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
+        db.record_added_error(version, len(x), float(((x - xh) ** 2).sum()))
+        dead = set(db.tombstones())
+        reused = [i for i in ids.tolist() if i in dead]
+        old = [unpack_block(cnt, row["stages"], i, cd, nm)
+               for _, cnt, i, cd, nm in db.read_blocks(version)]
+        if reused:
+            # a deleted id comes back: its old codes must go before the new ones are written
+            old_ids, old_codes, old_norms = (np.concatenate(p) for p in zip(*old))
+            keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
+            db.clear_tombstones(reused)
+            self._write_blocks(db, version, np.concatenate([old_ids[keep], ids]),
+                               np.concatenate([old_codes[keep], codes]),
+                               np.concatenate([old_norms[keep], norms]))
+            return
+        start_block = len(old)
+        if old and len(old[-1][0]) < self.config["block_size"]:
+            # top up the last, partly filled block
+            start_block -= 1
+            ids = np.concatenate([old[-1][0], ids])
+            codes = np.concatenate([old[-1][1], codes])
+            norms = np.concatenate([old[-1][2], norms])
+        self._write_blocks(db, version, ids, codes, norms, first_block=start_block)
+
+    def _write_blocks(self, db, version, ids, codes, norms, first_block=0):
+        bs = self.config["block_size"]
+        if first_block == 0:
+            db.delete_blocks(version)
+        for b, start in enumerate(range(0, len(ids), bs), start=first_block):
+            sl = slice(start, start + bs)
+            db.write_block(version, b, len(ids[sl]), *pack_block(ids[sl], codes[sl], norms[sl]))
+
+    def delete(self, ids=None, *, keys=None):
+        """Delete vectors by id or by key at once (one transaction); returns how many.
+
+        Unknown ids or keys are an error and nothing is deleted. Their code space is
+        reclaimed by :meth:`compact`.
+        """
+        db = self._live()
+        if (ids is None) == (keys is None):
+            raise InvalidInputError("give either ids or keys to delete")
+        with db.write():
+            ids = self._resolve(db, ids, keys)
+            n = db.delete_vectors(ids.tolist())
+            if self._meta_int(db.meta(), "active_version"):
+                db.add_tombstones(ids.tolist())
+        self._invalidate()
+        return n
+
+    def _resolve(self, db, ids, keys):
+        """Ids for ``ids`` or ``keys``, refusing unknown ones."""
+        if keys is not None:
+            keys = self._key_list(keys, len(list(keys)))
+            found = db.ids_for_keys(keys)
+            missing = [k for k in keys if k not in found]
+            if missing:
+                raise UnknownIdError(f"unknown keys: {missing[:5]}")
+            return np.asarray([found[k] for k in keys], np.int64)
+        ids = self._id_array(ids)
+        present = set(db.existing_ids(ids.tolist()))
+        missing = [i for i in ids.tolist() if i not in present]
+        if missing:
+            raise UnknownIdError(f"unknown ids: {missing[:5]}")
+        return ids
+
+    # -- training ---------------------------------------------------------------------------
+
+    def train(self, *, progress=None):
+        """Fit codebooks on (a sample of) the stored originals and encode every vector.
+
+        On a trained store this is :meth:`retrain`. Needs at least ``codebook_size`` vectors.
+        """
+        return self._fit(progress)
+
+    def retrain(self, *, progress=None):
+        """New codebooks from the originals, every vector re-encoded, switched atomically.
+
+        The new version's codes are written in batches; readers keep searching the old
+        version until the final transaction switches to the new one.
+        """
+        if not self.config["keep_originals"] and self._meta_int(self._live().meta(), "active_version"):
+            raise OriginalsMissingError(
+                "retrain() needs the original vectors and this store was created with "
+                "keep_originals=False")
+        return self._fit(progress)
+
+    def _fit(self, progress):
+        db = self._live()
+        c = self.config
+        n = db.count()
+        if n < c["codebook_size"]:
+            raise NotTrainedError(
+                f"training needs at least codebook_size={c['codebook_size']} vectors, the store has {n}")
+        rng = np.random.default_rng(c["seed"])
+        all_ids = np.asarray(db.all_ids(), np.int64)
+        sample_ids = np.sort(rng.choice(all_ids, min(n, c["train_sample"]), replace=False))
+        blobs = db.fetch_vectors(sample_ids.tolist())
+        sample = self._unpack([blobs[i] for i in sample_ids.tolist()])
+        rq = ResidualQuantizer.train(sample, stages=c["stages"], codebook_size=c["codebook_size"],
+                                     beam_width=c["train_beam"], seed=rng, progressive_dim=True,
+                                     n_iter=10, progress=progress)
+        codes = rq.encode(sample, beam_width=c["train_beam"])
+        train_mse = float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
+        with db.write():
+            version = db.next_version()
+            db.insert_codebooks(version, "building", c["stages"], c["codebook_size"], self.dim,
+                                pack_codebooks(rq.codebooks), len(sample), train_mse)
+        # encode everything in batches, each committed: a crash leaves a 'building'
+        # version that the next writer drops, and the active version untouched
+        done, block = 0, 0
+        last_id = None
+        buf = []
+        for ids, blobs in db.iter_vectors(batch=c["block_size"]):
+            _report(progress, "encode", done, n)
+            x = self._unpack(blobs)
+            cd = rq.encode(x, beam_width=c["train_beam"])
+            with db.write():
+                db.write_block(version, block, len(ids),
+                               *pack_block(np.asarray(ids, np.int64), cd, rq.norms(cd)))
+            block += 1
+            done += len(ids)
+            last_id = ids[-1]
+        with db.write():
+            # vectors added meanwhile by another connection are encoded here, in the switch
+            covered = set()
+            for _, cnt, i, _, _ in db.read_blocks(version):
+                covered.update(np.frombuffer(i, "<i8").tolist())
+            live = db.all_ids()
+            late = [i for i in live if i not in covered]
+            if late:
+                blobs = db.fetch_vectors(late)
+                x = self._unpack([blobs[i] for i in late])
+                cd = rq.encode(x, beam_width=c["train_beam"])
+                db.write_block(version, block, len(late),
+                               *pack_block(np.asarray(late, np.int64), cd, rq.norms(cd)))
+            gone = covered - set(live)  # deleted meanwhile
+            db.clear_tombstones()
+            if gone:
+                db.add_tombstones(sorted(gone))
+            db.set_codebook_state(version, "active")
+            db.drop_versions(keep=version)
+            db.set_meta(active_version=version)
+            if not c["keep_originals"]:
+                db.clear_originals()
+        _report(progress, "encode", n, n)
+        self._invalidate()
+        return self.info()
+
+    def _drop_stale_builds(self):
+        db = self._db
+        active = self._meta_int(db.meta(), "active_version")
+        stale = db.stale_building_versions(active)
+        if stale:
+            with db.write():
+                for v in stale:
+                    db.drop_version(v)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def __len__(self):
+        return self._live().count()
+
+    def get(self, ids=None, *, keys=None):
+        """The stored originals, float32 (n, dim), in the order asked (cosine: normalised)."""
+        db = self._live()
+        if (ids is None) == (keys is None):
+            raise InvalidInputError("give either ids or keys to get")
+        with db.read():
+            ids = self._resolve(db, ids, keys)
+            blobs = db.fetch_vectors(ids.tolist())
+        return self._unpack([blobs[i] for i in ids.tolist()])
+
+    def ids_for_keys(self, keys):
+        """Ids of ``keys`` (int64), refusing unknown keys."""
+        db = self._live()
+        return self._resolve(db, None, keys)
+
+    def keys(self, ids):
+        """Keys of ``ids`` (None where a vector has no key)."""
+        found = self._live().keys_for_ids(self._id_array(ids).tolist())
+        return [found.get(i) for i in self._id_array(ids).tolist()]
+
+    def search(self, queries, *, k=10, rerank=None, with_keys=False):
+        """The k nearest stored vectors of each query.
+
+        Parameters
+        ----------
+        queries : array-like of shape (nq, dim) or (dim,)
+        k : int > 0
+        rerank : int >= 1 or None. ADC picks ``k * rerank`` candidates, which are reranked
+            exactly against the originals; 1 ranks by codes alone. Default 10 when the store
+            keeps originals, else 1. Ignored before training (search is exact then).
+        with_keys : bool, also return the keys of the results
+
+        Returns
+        -------
+        SearchResult(ids int64 (nq, k), distances float32 (nq, k), keys): 1-D for a 1-D
+        query; padded with id -1 and distance +inf when fewer than k vectors exist.
+        """
+        db = self._live()
+        single = np.ndim(queries) == 1
+        q = self._vectors(queries, name="queries", allow_1d=True)
+        k = check_k(k)
+        if rerank is None:
+            rerank = DEFAULT_RERANK if self.config["keep_originals"] else 1
+        if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
+            raise InvalidInputError(f"rerank must be an integer >= 1, got {rerank!r}")
+        if rerank > 1 and not self.config["keep_originals"]:
+            raise OriginalsMissingError("rerank needs the originals; this store does not keep them")
+        state = self._current()
+        if state["count"] == 0:
+            raise EmptyStoreError(f"{db.path} holds no vectors")
+        if not state["version"]:
+            res = algo.exact_search(state["vectors"], q, k=k, metric=self.metric)
+            ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
+            res = SearchResult(ids, res.distances)
+        else:
+            res = algo.adc_search(state["rq"], state["codes"], q, k=k * rerank,
+                                  metric=self.metric, bias=state["bias"])
+            ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
+            if rerank > 1:
+                res = algo.rerank(q, ids, self._fetch, k=k, metric=self.metric)
+            else:
+                res = SearchResult(ids, res.distances)
+        keys = None
+        if with_keys:
+            found = db.keys_for_ids(np.unique(res.ids[res.ids >= 0]).tolist())
+            keys = [[found.get(i) for i in row] for row in res.ids.tolist()]
+        if single:
+            return SearchResult(res.ids[0], res.distances[0], keys[0] if keys else None)
+        return SearchResult(res.ids, res.distances, keys)
+
+    def _fetch(self, ids):
+        blobs = self._db.fetch_vectors(ids.tolist())
+        return self._unpack([blobs[i] for i in ids.tolist()])
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def compact(self, *, progress=None):
+        """Free the space of deleted vectors: rewrite the code blocks, then VACUUM the file."""
+        db = self._live()
+        with db.write():
+            version = self._meta_int(db.meta(), "active_version")
+            dead = db.tombstones()
+            if version and dead:
+                row = db.codebooks_row(version)
+                parts = [unpack_block(cnt, row["stages"], i, cd, nm)
+                         for _, cnt, i, cd, nm in db.read_blocks(version)]
+                _report(progress, "compact", 0, 2)
+                ids, codes, norms = (np.concatenate(p) for p in zip(*parts))
+                keep = ~np.isin(ids, np.asarray(dead, np.int64))
+                self._write_blocks(db, version, ids[keep], codes[keep], norms[keep])
+                db.clear_tombstones()
+        _report(progress, "compact", 1, 2)
+        db.vacuum()
+        _report(progress, "compact", 2, 2)
+        self._invalidate()
+
+    def info(self):
+        """Counts, configuration, codebook version and error, and bytes on disk by part."""
+        db = self._live()
+        with db.read():
+            meta = db.meta()
+            version = self._meta_int(meta, "active_version")
+            out = {"path": db.path, "count": db.count(), **self.config,
+                   "trained": bool(version), "codebook_version": version,
+                   "deleted_pending_compact": len(db.tombstones()),
+                   "bytes": db.bytes_by_part()}
+            if version:
+                row = db.codebooks_row(version)
+                out["train_mse"] = row["train_mse"]
+                out["trained_at"] = row["created_at"]
+                out["added_since_training"] = row["added_count"]
+                out["added_mse"] = (row["added_sq_error"] / row["added_count"]
+                                    if row["added_count"] else None)
+        return out
+
+    def check(self):
+        """The store's own consistency check: a list of problems, empty when all is well."""
+        db = self._live()
+        problems = [p for p in db.integrity_check() if p != "ok"]
+        with db.read():
+            meta = db.meta()
+            version = self._meta_int(meta, "active_version")
+            live = set(db.all_ids())
+            dead = set(db.tombstones())
+            if version:
+                row = db.codebooks_row(version)
+                if row is None or row["state"] != "active":
+                    problems.append(f"active codebook version {version} is missing or not active")
+                    return problems
+                seen = []
+                for b, cnt, i, cd, nm in db.read_blocks(version):
+                    try:
+                        seen.append(unpack_block(cnt, row["stages"], i, cd, nm)[0])
+                    except RvqstoreError as exc:
+                        problems.append(f"block {b}: {exc}")
+                ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
+                if len(np.unique(ids)) != len(ids):
+                    problems.append("an id appears twice in the code blocks")
+                in_blocks = set(ids.tolist())
+                if live - in_blocks:
+                    problems.append(f"{len(live - in_blocks)} stored vectors have no codes")
+                if in_blocks - live - dead:
+                    problems.append(f"{len(in_blocks - live - dead)} codes belong to no vector")
+            if self.config["keep_originals"] or not version:
+                blobs = db.fetch_vectors(sorted(live)[:1000])
+                try:
+                    if blobs:
+                        self._unpack(list(blobs.values()))
+                except RvqstoreError as exc:
+                    problems.append(f"originals: {exc}")
+        return problems
