@@ -26,3 +26,24 @@ def small_rq():
 
     x = clustered(3000, 32, seed=1)
     return ResidualQuantizer.train(x, stages=6, codebook_size=32, seed=0)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "vecs.db"
+
+
+@pytest.fixture
+def vecs():
+    return clustered(800, 16, centers=12, seed=7)
+
+
+@pytest.fixture
+def trained(store_path, vecs):
+    from rvqstore import Store
+
+    s = Store.open(store_path, dim=16, stages=4, codebook_size=32)
+    s.add(vecs, keys=[f"item-{i}" for i in range(len(vecs))])
+    s.train()
+    yield s
+    s.close()

@@ -1,0 +1,270 @@
+"""The Store: the API, the file, configuration, keys, maintenance."""
+
+import hashlib
+import os
+import pathlib
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rvqstore import (BadFileError, ConfigMismatchError, OriginalsMissingError, Store,
+                      StoreClosedError)
+from rvqstore.algo import exact_search
+
+from conftest import clustered
+
+
+def recall_at(found, truth, k=10):
+    return np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)])
+
+
+def test_lifecycle(store_path, vecs):
+    q = clustered(20, 16, centers=12, seed=8)
+    with Store.open(store_path, dim=16, stages=4, codebook_size=32) as store:
+        ids = store.add(vecs)
+        assert ids.dtype == np.int64 and list(ids[:3]) == [0, 1, 2]
+        # before training, search is exact
+        res = store.search(q, k=10)
+        truth = exact_search(vecs, q, k=10)
+        np.testing.assert_array_equal(res.ids, truth.ids)
+        info = store.train()
+        assert info["trained"] and info["codebook_version"] == 1 and info["train_mse"] > 0
+        res = store.search(q, k=10)
+        assert res.ids.shape == (20, 10) and res.distances.dtype == np.float32
+        assert recall_at(res.ids, truth.ids) >= 0.95  # rerank x10 by default
+        coarse = store.search(q, k=10, rerank=1)
+        assert recall_at(coarse.ids, truth.ids) < recall_at(res.ids, truth.ids) + 1e-9
+        assert store.delete(ids[:5]) == 5
+        assert len(store) == len(vecs) - 5
+        assert not np.isin(ids[:5], store.search(vecs[:5], k=10).ids).any()
+        store.retrain()
+        assert store.info()["codebook_version"] == 2
+        np.testing.assert_array_equal(store.get(ids[5:8]), vecs[5:8])
+
+
+def test_added_after_training_are_searchable_at_once(trained):
+    new = clustered(30, 16, centers=3, seed=99) + 5.0
+    ids = trained.add(new)
+    coarse = trained.search(new, k=1, rerank=1)
+    assert np.isin(coarse.ids[:, 0], ids).all()  # far from the old data: codes find the new ones
+    res = trained.search(new, k=1, rerank=30)
+    np.testing.assert_array_equal(res.ids[:, 0], ids)
+    info = trained.info()
+    assert info["added_since_training"] == 30 and info["added_mse"] > 0
+
+
+def test_single_query_and_padding(store_path, vecs):
+    with Store.open(store_path, dim=16) as store:
+        store.add(vecs[:3])
+        res = store.search(vecs[0], k=5)
+        assert res.ids.shape == (5,) and res.ids[0] == 0
+        assert list(res.ids[3:]) == [-1, -1] and np.isinf(res.distances[3:]).all()
+
+
+def test_padding_after_deletes_on_trained_store(trained, vecs):
+    trained.delete(np.arange(3, 800))
+    res = trained.search(vecs[0], k=5)
+    assert sorted(res.ids[:3].tolist()) == [0, 1, 2]
+    assert list(res.ids[3:]) == [-1, -1] and np.isinf(res.distances[3:]).all()
+
+
+def test_keys(trained, vecs):
+    res = trained.search(vecs[10], k=3, with_keys=True)
+    assert res.keys[0] == "item-10"
+    np.testing.assert_array_equal(trained.get(keys=["item-4", "item-2"]), vecs[[4, 2]])
+    assert list(trained.ids_for_keys(["item-9"])) == [9]
+    assert trained.keys([9, 10]) == ["item-9", "item-10"]
+    assert trained.delete(keys=["item-9"]) == 1
+    assert len(trained) == 799
+
+
+def test_reopen_reads_configuration(store_path, vecs):
+    with Store.open(store_path, dim=16, metric="ip", stages=3, codebook_size=16) as s:
+        s.add(vecs)
+    with Store.open(store_path) as s:
+        assert (s.dim, s.metric, s.config["stages"], len(s)) == (16, "ip", 3, 800)
+    with pytest.raises(ConfigMismatchError, match="stages=8.*stages=3"):
+        Store.open(store_path, stages=8)
+    with pytest.raises(ConfigMismatchError, match="dim=32.*dim=16"):
+        Store.open(store_path, dim=32)
+
+
+def test_dim_taken_from_first_add(store_path, vecs):
+    with Store.open(store_path) as s:
+        s.add(vecs[:10])
+        assert s.dim == 16
+    with Store.open(store_path) as s:
+        assert s.dim == 16
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_other_metrics_find_exact_neighbours(tmp_path, vecs, metric):
+    q = clustered(15, 16, centers=12, seed=8)
+    base, qq = vecs, q
+    if metric == "cosine":
+        base = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        qq = q / np.linalg.norm(q, axis=1, keepdims=True)
+    truth = exact_search(base, qq, k=10, metric="ip")
+    with Store.open(tmp_path / "m.db", dim=16, metric=metric, stages=4, codebook_size=32) as s:
+        s.add(vecs)
+        s.train()
+        res = s.search(q, k=10)
+        assert recall_at(res.ids, truth.ids) >= 0.9
+        exact_d = -(qq[0] @ base[res.ids[0]].T)
+        if metric == "cosine":
+            exact_d = 1 + exact_d
+        np.testing.assert_allclose(res.distances[0], exact_d, rtol=1e-4, atol=1e-5)
+
+
+def test_without_originals(tmp_path, vecs):
+    with Store.open(tmp_path / "n.db", dim=16, stages=4, codebook_size=32,
+                    keep_originals=False) as s:
+        s.add(vecs)
+        s.train()
+        assert s.info()["bytes"]["originals"] == 0
+        res = s.search(vecs[:5], k=3)  # codes only
+        assert (res.ids[:, 0] == np.arange(5)).mean() >= 0.6
+        with pytest.raises(OriginalsMissingError, match="keep_originals=False"):
+            s.retrain()
+        with pytest.raises(OriginalsMissingError):
+            s.search(vecs[0], k=3, rerank=4)
+        with pytest.raises(OriginalsMissingError):
+            s.get([1])
+
+
+@pytest.mark.parametrize("fmt,tol", [("float16", 1e-2), ("zstd", 0.0)])
+def test_originals_formats(tmp_path, vecs, fmt, tol):
+    with Store.open(tmp_path / "f.db", dim=16, originals=fmt) as s:
+        s.add(vecs)
+        np.testing.assert_allclose(s.get([3, 4]), vecs[[3, 4]], atol=tol * 4, rtol=tol)
+
+
+def test_readd_deleted_id(trained, vecs):
+    trained.delete([7])
+    trained.add(vecs[8:9] + 100.0, ids=[7])
+    res = trained.search(vecs[8] + 100.0, k=1, rerank=1)
+    assert res.ids[0] == 7
+    assert trained.check() == []
+    np.testing.assert_allclose(trained.get([7])[0], vecs[8] + 100.0)
+
+
+def test_compact_shrinks_the_file(tmp_path):
+    x = clustered(6000, 64, seed=3)
+    path = tmp_path / "c.db"
+    with Store.open(path, dim=64, stages=8, codebook_size=32, block_size=1024) as s:
+        s.add(x)
+        s.train()
+        s.compact()
+        before = os.path.getsize(path)
+        s.delete(np.arange(0, 5000))
+        s.compact()
+        after = os.path.getsize(path)
+        assert after < 0.4 * before
+        assert s.info()["deleted_pending_compact"] == 0
+        assert s.check() == []
+        assert len(s) == 1000
+        assert s.search(x[5500], k=1).ids[0] == 5500
+
+
+def test_blocks_not_rows(tmp_path):
+    """Opening reads a handful of blobs: codes are stored per block, not per vector."""
+    x = clustered(5000, 16, seed=4)
+    path = tmp_path / "b.db"
+    with Store.open(path, dim=16, stages=4, codebook_size=32, block_size=2048) as s:
+        s.add(x)
+        s.train()
+        s.add(x[:100] + 1.0)
+    con = sqlite3.connect(path)
+    counts = [r[0] for r in con.execute("SELECT count FROM rvq_blocks ORDER BY block")]
+    assert counts == [2048, 2048, 1004]
+    con.close()
+
+
+def test_second_connection_sees_commits(trained, store_path, vecs):
+    with Store.open(store_path, readonly=True) as reader:
+        before = reader.search(vecs[0], k=1, rerank=1).ids[0]
+        assert before == 0
+        new = trained.add(vecs[:1] * 1.0001)
+        trained.delete([0])
+        res = reader.search(vecs[0], k=1, rerank=1)
+        assert res.ids[0] == new[0]
+        assert len(reader) == len(trained)
+
+
+def test_reader_keeps_old_version_during_retrain(trained, store_path, vecs):
+    seen = []
+    with Store.open(store_path, readonly=True) as reader:
+        reader.search(vecs[0], k=1)
+
+        def progress(phase, done, total):
+            if phase == "encode" and done < total:
+                reader.search(vecs[0], k=1)
+                seen.append(reader.info()["codebook_version"])
+
+        trained.retrain(progress=progress)
+        assert seen and set(seen) == {1}
+        reader.search(vecs[0], k=1)
+        assert reader.info()["codebook_version"] == 2
+
+
+def test_progress_callback_reports_phases(trained):
+    phases = set()
+    trained.retrain(progress=lambda p, d, t: phases.add(p))
+    assert {"train", "encode"} <= phases
+
+
+def test_close_is_idempotent_and_use_after_close_fails(store_path, vecs):
+    s = Store.open(store_path, dim=16)
+    s.add(vecs[:5])
+    s.close()
+    s.close()
+    with pytest.raises(StoreClosedError):
+        s.search(vecs[0], k=1)
+    with pytest.raises(StoreClosedError):
+        s.add(vecs[:1])
+
+
+def test_migrations_recorded_and_newer_schema_refused(store_path, vecs):
+    with Store.open(store_path, dim=16) as s:
+        s.add(vecs[:5])
+    con = sqlite3.connect(store_path)
+    assert [r[0] for r in con.execute("SELECT version FROM rvq_migrations")] == [1]
+    con.execute("INSERT INTO rvq_migrations VALUES (99, '0099_future', 'x')")
+    con.commit()
+    con.close()
+    digest = hashlib.sha256(store_path.read_bytes()).hexdigest()
+    from rvqstore import SchemaTooNewError
+    with pytest.raises(SchemaTooNewError, match="schema version 99"):
+        Store.open(store_path)
+    with pytest.raises(SchemaTooNewError):
+        Store.open(store_path, readonly=True)
+    assert hashlib.sha256(store_path.read_bytes()).hexdigest() == digest
+
+
+def test_wheel_ships_migrations(tmp_path):
+    """Build the wheel, install it into a fresh venv, open a store from outside the repo."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "-q", "-w", str(wheels), root], check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # the fresh venv borrows the test environment's dependencies (numpy, numba, ...) through
+    # a .pth file, so only rvqstore itself comes from the wheel
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    pathlib.Path(site, "test_deps.pth").write_text("\n".join(deps) + "\n")
+    whl = next(wheels.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
+                    str(whl)], check=True, capture_output=True)
+    code = ("import rvqstore, numpy as np; from rvqstore import Store\n"
+            f"assert rvqstore.__file__.startswith({str(venv)!r}), rvqstore.__file__\n"
+            "s = Store.open('w.db', dim=4); s.add(np.eye(4)); print(len(s)); s.close()")
+    out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4"
