@@ -28,6 +28,22 @@ def _classify(exc, path):
     return exc
 
 
+def _check_header(path):
+    """Refuse files that are not SQLite or are shorter than their header says (truncated)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return  # an empty file becomes a new store
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        raise BadFileError(f"{path} is not an rvqstore file (not an SQLite database)")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(head[28:32], "big")
+    if pages and size < page * pages:
+        raise BadFileError(f"{path} is truncated: {size} bytes, its header says {page * pages}")
+
+
 class Database:
     """An open store file.
 
@@ -45,6 +61,8 @@ class Database:
             raise ReadOnlyError(f"{self.path} is a read-only file: open it with readonly=True")
         if readonly and not exists:
             raise BadFileError(f"{self.path} does not exist")
+        if exists:
+            _check_header(self.path)
         try:
             if readonly:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
@@ -95,8 +113,11 @@ class Database:
             raise _classify(exc, self.path) from exc
         try:
             yield self
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _classify(exc, self.path) from exc
             raise
         try:
             self.conn.execute("COMMIT")
