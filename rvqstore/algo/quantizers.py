@@ -137,9 +137,10 @@ class ResidualQuantizer:
         """cross[s] = (s, K, K) inner products of earlier stages' codewords with stage s's."""
         if "cross" not in self._cache:
             C = self.codebooks
+            S, K, d = C.shape
             self._cache["cross"] = [
-                np.ascontiguousarray(np.einsum("tad,kd->tak", C[:s], C[s]).astype(np.float32))
-                for s in range(self.stages)]
+                np.ascontiguousarray((C[:s].reshape(-1, d) @ C[s].T).reshape(s, K, K))
+                for s in range(S)]
             self._cache["cnorm"] = np.einsum("skd,skd->sk", C, C).astype(np.float32)
         return self._cache["cross"], self._cache["cnorm"]
 
@@ -159,6 +160,20 @@ class ResidualQuantizer:
         b_out = min(beam_width, dist.shape[1] * self.codebook_size)
         return kernels.beam_step(xc, dist, codes, cross[s], cnorm[s], s, b_out)
 
+    def _greedy(self, x):
+        """Greedy codes: nearest codeword of each stage to the explicit residual (BLAS-bound)."""
+        _, cnorm = self._cross_tables()
+        residual = x.copy()
+        codes = np.empty((len(x), self.stages), dtype=np.uint8)
+        for s in range(self.stages):
+            scores = residual @ self.codebooks[s].T
+            scores *= -2.0
+            scores += cnorm[s]
+            lab = np.argmin(scores, axis=1)
+            codes[:, s] = lab
+            residual -= self.codebooks[s][lab]
+        return codes
+
     def encode(self, x, *, beam_width=1, batch=8192, progress=None):
         """Codes of the rows of ``x``: greedy (beam_width=1) or beam search.
 
@@ -174,6 +189,9 @@ class ResidualQuantizer:
         for start in range(0, n, batch):
             _report(progress, "encode", start, n)
             xb = x[start:start + batch]
+            if beam_width == 1:
+                out[start:start + batch] = self._greedy(xb)
+                continue
             state = None
             for s in range(self.stages):
                 state = self._beam_stage(xb, s, beam_width, state)
