@@ -313,18 +313,17 @@ class Store:
 
     def _append_codes(self, db, version, x, ids, progress):
         row = db.codebooks_row(version)
-        rq = ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
-                                                row["dim"]))
+        rq = self._quantizer(version, row)
         codes = rq.encode(x, beam_width=self.config["add_beam"], progress=progress)
         xh = rq.decode(codes)
         norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
         db.record_added_error(version, len(x), float(((x - xh) ** 2).sum()))
         dead = set(db.tombstones())
         reused = [i for i in ids.tolist() if i in dead]
-        old = [unpack_block(cnt, row["stages"], i, cd, nm)
-               for _, cnt, i, cd, nm in db.read_blocks(version)]
         if reused:
             # a deleted id comes back: its old codes must go before the new ones are written
+            old = [unpack_block(cnt, row["stages"], i, cd, nm)
+                   for _, cnt, i, cd, nm in db.read_blocks(version)]
             old_ids, old_codes, old_norms = (np.concatenate(p) for p in zip(*old))
             keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
             db.clear_tombstones(reused)
@@ -332,14 +331,23 @@ class Store:
                                np.concatenate([old_codes[keep], codes]),
                                np.concatenate([old_norms[keep], norms]))
             return
-        start_block = len(old)
-        if old and len(old[-1][0]) < self.config["block_size"]:
+        last = db.last_block(version)
+        start_block = 0 if last is None else last[0] + 1
+        if last is not None and last[1] < self.config["block_size"]:
             # top up the last, partly filled block
-            start_block -= 1
-            ids = np.concatenate([old[-1][0], ids])
-            codes = np.concatenate([old[-1][1], codes])
-            norms = np.concatenate([old[-1][2], norms])
+            start_block = last[0]
+            lids, lcodes, lnorms = unpack_block(last[1], row["stages"], *last[2:])
+            ids = np.concatenate([lids, ids])
+            codes = np.concatenate([lcodes, codes])
+            norms = np.concatenate([lnorms, norms])
         self._write_blocks(db, version, ids, codes, norms, first_block=start_block)
+
+    def _quantizer(self, version, row):
+        """The codec of ``version``, reused from the in-memory state when it matches."""
+        if self._state is not None and self._state.get("version") == version:
+            return self._state["rq"]
+        return ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
+                                                  row["dim"]))
 
     def _write_blocks(self, db, version, ids, codes, norms, first_block=0):
         bs = self.config["block_size"]

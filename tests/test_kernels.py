@@ -74,3 +74,10 @@ def test_normal_equations_match_reference():
     rb, rx = normal_equations_ref(codes, x, 6)
     np.testing.assert_allclose(btb, rb)
     np.testing.assert_allclose(btx, rx, rtol=1e-6, atol=1e-6)
+
+
+def test_matvec_matches_numpy():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((300, 37)).astype(np.float32)
+    v = rng.standard_normal(37).astype(np.float32)
+    np.testing.assert_allclose(kernels.matvec(a, v), a @ v, rtol=1e-4, atol=1e-4)

@@ -182,3 +182,17 @@ def normal_equations(codes, x, K):
             for t in range(S):
                 btb[a, t * K + codes[i, t]] += 1.0
     return btb, btx
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def matvec(a, v):
+    """``a @ v`` for a float32 (m, d) and (d,) on one thread: a single query's table,
+    free of BLAS's thread start-up, which dominates a lone query on a busy machine."""
+    m, d = a.shape
+    out = np.empty(m, dtype=np.float32)
+    for j in range(m):
+        acc = np.float32(0.0)
+        for t in range(d):
+            acc += a[j, t] * v[t]
+        out[j] = acc
+    return out

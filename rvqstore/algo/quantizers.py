@@ -228,6 +228,9 @@ class ResidualQuantizer:
 
     def ip_table(self, queries):
         """Inner products of each query with every codeword: float32 (nq, S*K)."""
+        if len(queries) == 1:
+            rows = self.codebooks.reshape(-1, self.dim)
+            return kernels.matvec(rows, np.ascontiguousarray(queries[0], np.float32))[None]
         flat = self._cache.get("flat")
         if flat is None:
             flat = self._cache["flat"] = np.ascontiguousarray(

@@ -278,6 +278,11 @@ class Database:
         return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks "
                           "WHERE version = ? ORDER BY block", (version,)).fetchall()
 
+    def last_block(self, version):
+        """(block, count, ids, codes, norms) of the highest block of ``version``, or None."""
+        return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks WHERE version = ? "
+                          "ORDER BY block DESC LIMIT 1", (version,)).fetchone()
+
     def delete_blocks(self, version):
         self.conn.execute("DELETE FROM rvq_blocks WHERE version = ?", (version,))
 
