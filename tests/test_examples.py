@@ -19,3 +19,11 @@ def test_quickstart_example_runs(capsys):
     mod["main"](n=2000, dim=16)
     out = capsys.readouterr().out
     assert "retrained, recall@10" in out and "doc-600" in out
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "vecs.db").exists()
