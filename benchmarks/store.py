@@ -55,6 +55,7 @@ def store_rows(base, queries, gt, folder, args):
         rows.append([f"S=16 rerank x{factor}", fmt(recall(res.ids, gt)), fmt(ours),
                      fmt(mem_recall), fmt(mem), f"{ours / mem:.2f}"])
         print("  " + " | ".join(rows[-1]), flush=True)
+    notes["originals"] = originals_rows(base, queries, gt, (rq, codes, bias))
     extra = base[:20000] + np.float32(1e-3)
     t = time.perf_counter()
     store.add(extra)
@@ -137,11 +138,9 @@ def main(argv=None):
                               "10-recall@10 codec in memory", "QPS single in memory",
                               "Store / memory"], rows))
         print()
+        orig = notes.pop("originals")
         for k, v in notes.items():
             print(f"- {k}: {fmt(v) if not isinstance(v, dict) else v}")
-        with Store.open(os.path.join(folder, "bench.db"), readonly=True) as s:
-            st = s._current()
-            orig = originals_rows(base, queries, gt, (st["rq"], st["codes"], st["bias"]))
         print()
         print(markdown_table(["originals", "bytes/vector", "10-recall@10 after rerank x10"], orig))
         if not args.no_peers:
