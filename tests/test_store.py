@@ -253,15 +253,15 @@ def test_wheel_ships_migrations(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # the fresh venv borrows the test environment's dependencies (numpy, numba, ...) through
+    whl = next(wheels.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
+                    str(whl)], check=True, capture_output=True)
+    # then the fresh venv borrows the test environment's dependencies (numpy, numba, ...) through
     # a .pth file, so only rvqstore itself comes from the wheel
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     deps = [p for p in sys.path if p.endswith("site-packages")]
     pathlib.Path(site, "test_deps.pth").write_text("\n".join(deps) + "\n")
-    whl = next(wheels.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
-                    str(whl)], check=True, capture_output=True)
     code = ("import rvqstore, numpy as np; from rvqstore import Store\n"
             f"assert rvqstore.__file__.startswith({str(venv)!r}), rvqstore.__file__\n"
             "s = Store.open('w.db', dim=4); s.add(np.eye(4)); print(len(s)); s.close()")
