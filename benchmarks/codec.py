@@ -82,13 +82,14 @@ def faiss_rows(base, queries, gt, args):
 
     rows = []
 
-    def run(name, index, nbytes, decoded=False):
+    def run(name, index, nbytes, decoded=False, via=None):
+        # via: a wrapper (IndexRefineFlat) that trains and fills ``index`` and itself
         with Threads(2, faiss):
             t = time.perf_counter()
-            index.train(base)
+            (via or index).train(base)
             train_s = time.perf_counter() - t
             t = time.perf_counter()
-            index.add(base)
+            (via or index).add(base)
             rate = len(base) / (time.perf_counter() - t)
         dec = None
         if decoded:  # the stored codes ranked exactly: decode them, brute force
@@ -104,9 +105,9 @@ def faiss_rows(base, queries, gt, args):
     rq = faiss.IndexResidualQuantizer(d, 16, 8, faiss.METRIC_L2,
                                       faiss.AdditiveQuantizer.ST_norm_float)
     name = f"faiss IndexResidualQuantizer M=16 beam {rq.rq.max_beam_size}"
-    run(name, rq, 16 + 4, decoded=True)
-    refine = faiss.IndexRefineFlat(rq)
+    refine = faiss.IndexRefineFlat(rq)  # made empty, so both fill together
     refine.k_factor = 10
+    run(name, rq, 16 + 4, decoded=True, via=refine)
     with Threads(1, faiss):
         search = lambda q: refine.search(q, 10)[1]
         rows.append(measure(f"faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
