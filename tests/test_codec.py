@@ -217,3 +217,11 @@ def test_algo_layer_imports_no_storage():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+
+
+def test_single_query_table_equals_batch_table(small_rq, queries):
+    # one query takes the bfloat16 path, a batch the BLAS path: same codebook values
+    one = small_rq.ip_table(queries[:1])
+    both = small_rq.ip_table(queries[:2])
+    np.testing.assert_allclose(one[0], both[0], rtol=1e-5, atol=1e-5)
+    assert small_rq._cache["bf16"] is not None

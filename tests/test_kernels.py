@@ -37,11 +37,12 @@ def test_beam_step_matches_decoding_reference(small_rq, beam):
         np.testing.assert_array_equal(codes[:, 0, : s + 1], ref_c[:, 0, : s + 1])
 
 
-@pytest.mark.parametrize("K", [256, 16])  # 256 takes the specialised path
+@pytest.mark.parametrize("S", [5, 8, 16, 32])  # 8/16/32 with K=256 are specialised
+@pytest.mark.parametrize("K", [256, 16])
 @pytest.mark.parametrize("k", [1, 10, 500])
-def test_scan_topk_matches_reference(K, k):
-    rng = np.random.default_rng(K + k)
-    n, S = 300, 5
+def test_scan_topk_matches_reference(S, K, k):
+    rng = np.random.default_rng(K + k + S)
+    n = 300
     codes = rng.integers(K, size=(n, S)).astype(np.uint8)
     lut = rng.standard_normal(S * K).astype(np.float32)
     bias = rng.random(n).astype(np.float32)
@@ -81,3 +82,24 @@ def test_matvec_matches_numpy():
     a = rng.standard_normal((300, 37)).astype(np.float32)
     v = rng.standard_normal(37).astype(np.float32)
     np.testing.assert_allclose(kernels.matvec(a, v), a @ v, rtol=1e-4, atol=1e-4)
+
+
+def test_matvec_bf16_matches_numpy_on_rounded_values():
+    from rvqstore.algo.quantizers import round_bf16
+
+    rng = np.random.default_rng(9)
+    a = round_bf16(rng.standard_normal((200, 48)).astype(np.float32))
+    bits = (a.view(np.uint32) >> 16).astype(np.uint16)
+    v = rng.standard_normal(48).astype(np.float32)
+    np.testing.assert_allclose(kernels.matvec_bf16(bits, v), a @ v, rtol=1e-4, atol=1e-4)
+
+
+def test_round_bf16_is_nearest_and_idempotent():
+    from rvqstore.algo.quantizers import round_bf16
+
+    x = np.array([1.0, 1.00390625, 1.005859375, -3.14159, 1e-20, 0.0], np.float32)
+    r = round_bf16(x)
+    assert (r.view(np.uint32) & 0xFFFF == 0).all()
+    np.testing.assert_array_equal(round_bf16(r), r)
+    np.testing.assert_allclose(r, x, rtol=2 ** -8)
+    assert r[0] == 1.0 and r[2] == np.float32(1.0078125)  # ties and rounding up

@@ -20,6 +20,19 @@ def _report(progress, phase, done, total):
         progress(phase, done, total)
 
 
+def round_bf16(x):
+    """float32 values rounded to the nearest bfloat16 (8-bit mantissa), kept as float32.
+
+    Codebooks are stored this way: a query's lookup table then reads half the bytes
+    (:func:`kernels.matvec_bf16`) while decode, norms and tables all see the same values, so
+    ADC estimates stay exact-form. The rounding (relative 2**-9 per component) is far below
+    the quantization error.
+    """
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    top = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
+    return (top << 16).view(np.float32).reshape(np.shape(x))
+
+
 def _check_codes(codes, S, K):
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != S:
@@ -108,7 +121,7 @@ class ResidualQuantizer:
                 state = rq._beam_stage(x, s, beam_width, state)
                 residual = x - rq.decode(state[1][:, 0, : s + 1])
         _report(progress, "train", stages, stages)
-        rq = cls(books)
+        rq = cls(round_bf16(books))
         for r in range(refine_rounds):
             _report(progress, "refine", r, refine_rounds)
             rq = rq.refine(x, rq.encode(x, beam_width=beam_width))
@@ -129,7 +142,7 @@ class ResidualQuantizer:
         btb[np.diag_indices_from(btb)] += ridge
         btx += ridge * self.codebooks.reshape(S * K, d)
         new = np.linalg.solve(btb, btx).astype(np.float32)
-        return type(self)(new.reshape(S, K, d))
+        return type(self)(round_bf16(new.reshape(S, K, d)))
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -229,8 +242,14 @@ class ResidualQuantizer:
     def ip_table(self, queries):
         """Inner products of each query with every codeword: float32 (nq, S*K)."""
         if len(queries) == 1:
-            rows = self.codebooks.reshape(-1, self.dim)
-            return kernels.matvec(rows, np.ascontiguousarray(queries[0], np.float32))[None]
+            q = np.ascontiguousarray(queries[0], np.float32)
+            if "bf16" not in self._cache:
+                bits = self.codebooks.reshape(-1, self.dim).view(np.uint32)
+                exact = not (bits & 0xFFFF).any()
+                self._cache["bf16"] = (bits >> 16).astype(np.uint16) if exact else None
+            if self._cache["bf16"] is not None:
+                return kernels.matvec_bf16(self._cache["bf16"], q)[None]
+            return kernels.matvec(self.codebooks.reshape(-1, self.dim), q)[None]
         flat = self._cache.get("flat")
         if flat is None:
             flat = self._cache["flat"] = np.ascontiguousarray(
