@@ -256,7 +256,7 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def add(self, vectors, *, ids=None, keys=None, progress=None):
+    def add(self, vectors, *, ids=None, keys=None, skip_existing_keys=False, progress=None):
         """Add vectors in one transaction; returns their ids.
 
         Parameters
@@ -264,6 +264,9 @@ class Store:
         vectors : array-like of shape (n, dim)
         ids : sequence of n distinct int64 not in the store, or None to number them
         keys : sequence of n distinct str not in the store, or None
+        skip_existing_keys : bool
+            With ``keys``: rows whose key is already stored are skipped instead of refused,
+            and their stored ids are returned (what a cache shared by processes needs).
         progress : callable(phase, done, total) or None
 
         Returns
@@ -286,13 +289,25 @@ class Store:
             if len(np.unique(ids)) != n:
                 raise DuplicateError("ids contain duplicates")
         with db.write():
+            fresh = self._state is not None and db.data_version() == self._seen_version
             meta = db.meta()
             if self.dim is None:
                 self.config["dim"] = x.shape[1]
                 db.set_meta(dim=x.shape[1])
+            out = None
+            if keys is not None and skip_existing_keys:
+                found = db.ids_for_keys(keys)
+                if found:
+                    out = np.asarray([found.get(k, -1) for k in keys], np.int64)
+                    new = out < 0
+                    x, keys = x[new], [k for k, f in zip(keys, new) if f]
+                    ids = ids[new] if ids is not None else None
+                    if not len(x):
+                        return out
+            m = len(x)
             next_id = self._meta_int(meta, "next_id")
             if ids is None:
-                ids = np.arange(next_id, next_id + n, dtype=np.int64)
+                ids = np.arange(next_id, next_id + m, dtype=np.int64)
             else:
                 taken = db.existing_ids(ids.tolist())
                 if taken:
@@ -303,13 +318,32 @@ class Store:
                     raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
             version = self._meta_int(meta, "active_version")
             keep = self.config["keep_originals"] or not version
-            blobs = pack_originals(x, self.config["originals"]) if keep else [None] * n
-            db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * n, blobs)
-            if version:
-                self._append_codes(db, version, x, ids, progress)
+            blobs = pack_originals(x, self.config["originals"]) if keep else [None] * m
+            db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
+            appended = self._append_codes(db, version, x, ids, progress) if version else None
             db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
-        self._invalidate()
+        self._after_add(fresh, version, x, ids, appended)
+        if out is not None:
+            out[out < 0] = ids
+            return out
         return ids
+
+    def _after_add(self, fresh, version, x, ids, appended):
+        """Extend the in-memory arrays with our own commit instead of reloading them all."""
+        st = self._state
+        if not fresh or st is None or st["version"] != version or (version and appended is None):
+            self._invalidate()
+            return
+        st["count"] += len(ids)
+        st["ids"] = np.concatenate([st["ids"], ids])
+        if version:
+            codes, norms = appended
+            st["codes"] = np.ascontiguousarray(np.concatenate([st["codes"], codes]))
+            st["norms"] = np.concatenate([st["norms"], norms])
+            extra = norms if self.metric == "l2" else np.zeros(len(ids), np.float32)
+            st["bias"] = np.concatenate([st["bias"], extra])
+        else:
+            st["vectors"] = np.concatenate([st["vectors"], x])
 
     def _append_codes(self, db, version, x, ids, progress):
         row = db.codebooks_row(version)
@@ -330,7 +364,8 @@ class Store:
             self._write_blocks(db, version, np.concatenate([old_ids[keep], ids]),
                                np.concatenate([old_codes[keep], codes]),
                                np.concatenate([old_norms[keep], norms]))
-            return
+            return None
+        appended = (codes, norms)
         last = db.last_block(version)
         start_block = 0 if last is None else last[0] + 1
         if last is not None and last[1] < self.config["block_size"]:
@@ -341,6 +376,7 @@ class Store:
             codes = np.concatenate([lcodes, codes])
             norms = np.concatenate([lnorms, norms])
         self._write_blocks(db, version, ids, codes, norms, first_block=start_block)
+        return appended
 
     def _quantizer(self, version, row):
         """The codec of ``version``, reused from the in-memory state when it matches."""
@@ -497,6 +533,14 @@ class Store:
             blobs = db.fetch_vectors(ids.tolist())
         return self._unpack([blobs[i] for i in ids.tolist()])
 
+    def iter(self, *, batch_size=8192):
+        """Yield ``(ids int64 (m,), keys list, vectors float32 (m, dim))`` over the whole
+        store in id order, ``batch_size`` at a time (the originals; for export)."""
+        db = self._live()
+        for ids, blobs in db.iter_vectors(batch=batch_size):
+            found = db.keys_for_ids(ids)
+            yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs))
+
     def ids_for_keys(self, keys):
         """Ids of ``keys`` (int64), refusing unknown keys."""
         db = self._live()
@@ -558,6 +602,12 @@ class Store:
         return SearchResult(res.ids, res.distances, keys)
 
     def _fetch(self, ids):
+        """Originals of the sorted unique ``ids`` a rerank asks for."""
+        fmt = self.config["originals"]
+        if fmt != "zstd" and len(ids) <= 900:
+            blob = self._db.fetch_concat(ids.tolist())
+            if blob is not None:
+                return unpack_originals([blob], fmt, self.dim * len(ids)).reshape(len(ids), self.dim)
         blobs = self._db.fetch_vectors(ids.tolist())
         return self._unpack([blobs[i] for i in ids.tolist()])
 

@@ -268,3 +268,38 @@ def test_wheel_ships_migrations(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4"
+
+
+def test_skip_existing_keys_returns_stored_ids(trained, vecs):
+    new = clustered(3, 16, seed=50)
+    ids = trained.add(np.vstack([vecs[:2], new]), keys=["item-0", "item-1", "a", "b", "c"],
+                      skip_existing_keys=True)
+    assert list(ids[:2]) == [0, 1] and len(set(ids[2:])) == 3 and len(trained) == 803
+    again = trained.add(new, keys=["a", "b", "c"], skip_existing_keys=True)
+    np.testing.assert_array_equal(again, ids[2:])
+    assert len(trained) == 803
+    assert trained.check() == []
+
+
+def test_iter_yields_everything_in_id_order(trained, vecs):
+    seen_ids, seen_keys, seen_vecs = [], [], []
+    for ids, keys, x in trained.iter(batch_size=300):
+        seen_ids += ids.tolist()
+        seen_keys += keys
+        seen_vecs.append(x)
+    assert seen_ids == list(range(800))
+    assert seen_keys[5] == "item-5"
+    np.testing.assert_array_equal(np.vstack(seen_vecs), vecs)
+
+
+def test_own_writes_update_memory_without_full_reload(trained, vecs):
+    trained.search(vecs[0], k=1)
+    state = trained._state
+    new = trained.add(vecs[:3] + 50.0)
+    assert trained._state is state  # appended in place, not reloaded
+    res = trained.search(vecs[:3] + 50.0, k=1)
+    np.testing.assert_array_equal(res.ids, new[:, None])
+    with Store.open(trained.path) as other:  # a commit by another connection forces a reload
+        other.add(vecs[:1] + 99.0)
+    assert trained.search(vecs[0] + 99.0, k=1).ids[0] == 803
+    assert trained._state is not state

@@ -190,6 +190,14 @@ class Database:
         """{id: blob} for the ids present."""
         return dict(self._in_chunks("SELECT id, vector FROM rvq_vectors WHERE id IN ({})", ids))
 
+    def fetch_concat(self, ids):
+        """The originals of sorted, unique ``ids`` as one concatenated BLOB, or None when
+        some are missing. One row out of SQLite instead of one per vector: the rerank path."""
+        sql = ("SELECT CAST(group_concat(vector, x'') AS BLOB), count(vector) FROM ("
+               "SELECT vector FROM rvq_vectors WHERE id IN ({}) ORDER BY id)")
+        blob, n = self.query(sql.format(",".join("?" * len(ids))), ids).fetchone()
+        return blob if n == len(ids) else None
+
     def delete_vectors(self, ids):
         n = 0
         for i in range(0, len(ids), 900):
