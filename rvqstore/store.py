@@ -172,30 +172,41 @@ class Store:
         return int(meta.get(name, 0))
 
     def _current(self):
-        """The in-memory arrays, reloaded when this or another connection has committed."""
+        """The in-memory arrays, refreshed when another connection has committed.
+
+        Appends by others only touch the last code block and new ones, so a refresh reads
+        just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``).
+        """
         db = self._live()
         dv = db.data_version()
         if self._state is not None and dv == self._seen_version:
             return self._state
+        old = self._state
         with db.read():
             meta = db.meta()
             version = self._meta_int(meta, "active_version")
-            state = {"version": version, "count": db.count()}
+            epoch = self._meta_int(meta, "blocks_epoch")
+            state = {"version": version, "epoch": epoch, "count": db.count()}
             if version:
-                row = db.codebooks_row(version)
-                c = self.config
-                state["rq"] = ResidualQuantizer(unpack_codebooks(
-                    row["data"], row["stages"], row["codebook_size"], row["dim"]))
-                state["codebook_row"] = row
-                blocks = [unpack_block(cnt, row["stages"], i, cd, nm)
-                          for _, cnt, i, cd, nm in db.read_blocks(version)]
-                if blocks:
-                    ids, codes, norms = (np.concatenate(p) for p in zip(*blocks))
+                if old is not None and old["version"] == version and old["epoch"] == epoch:
+                    state["rq"] = old["rq"]
+                    first = max(old["nblocks"] - 1, 0)
+                    kept = (old["ids"], old["codes"], old["norms"])
+                    kept = [a[: first * self.config["block_size"]] for a in kept]
                 else:
-                    ids = np.empty(0, np.int64)
-                    codes = np.empty((0, row["stages"]), np.uint8)
-                    norms = np.empty(0, np.float32)
-                bias = norms.copy() if c["metric"] == "l2" else np.zeros(len(ids), np.float32)
+                    row = db.codebooks_row(version)
+                    state["rq"] = ResidualQuantizer(unpack_codebooks(
+                        row["data"], row["stages"], row["codebook_size"], row["dim"]))
+                    first = 0
+                    kept = [np.empty(0, np.int64), np.empty((0, self.config["stages"]), np.uint8),
+                            np.empty(0, np.float32)]
+                rows = db.read_blocks(version, first)
+                parts = [unpack_block(cnt, self.config["stages"], i, cd, nm)
+                         for _, cnt, i, cd, nm in rows]
+                ids, codes, norms = (np.concatenate([k, *p]) for k, p in
+                                     zip(kept, zip(*parts) if parts else ([], [], [])))
+                state["nblocks"] = first + len(rows)
+                bias = norms.copy() if self.metric == "l2" else np.zeros(len(ids), np.float32)
                 dead = db.tombstones()
                 if dead:
                     bias[np.isin(ids, np.asarray(dead, np.int64))] = np.inf
@@ -337,6 +348,8 @@ class Store:
         st["count"] += len(ids)
         st["ids"] = np.concatenate([st["ids"], ids])
         if version:
+            st["nblocks"] = -(-len(st["ids"]) // self.config["block_size"])
+        if version:
             codes, norms = appended
             st["codes"] = np.ascontiguousarray(np.concatenate([st["codes"], codes]))
             st["norms"] = np.concatenate([st["norms"], norms])
@@ -389,6 +402,8 @@ class Store:
         bs = self.config["block_size"]
         if first_block == 0:
             db.delete_blocks(version)
+            # readers must reload every block, not just the tail
+            db.set_meta(blocks_epoch=self._meta_int(db.meta(), "blocks_epoch") + 1)
         for b, start in enumerate(range(0, len(ids), bs), start=first_block):
             sl = slice(start, start + bs)
             db.write_block(version, b, len(ids[sl]), *pack_block(ids[sl], codes[sl], norms[sl]))
@@ -403,11 +418,18 @@ class Store:
         if (ids is None) == (keys is None):
             raise InvalidInputError("give either ids or keys to delete")
         with db.write():
+            fresh = self._state is not None and db.data_version() == self._seen_version
             ids = self._resolve(db, ids, keys)
             n = db.delete_vectors(ids.tolist())
-            if self._meta_int(db.meta(), "active_version"):
+            version = self._meta_int(db.meta(), "active_version")
+            if version:
                 db.add_tombstones(ids.tolist())
-        self._invalidate()
+        st = self._state
+        if fresh and st is not None and st["version"] == version and version:
+            st["bias"][np.isin(st["ids"], ids)] = np.inf  # masked at once, no reload
+            st["count"] -= n
+        else:
+            self._invalidate()
         return n
 
     def _resolve(self, db, ids, keys):

@@ -303,3 +303,32 @@ def test_own_writes_update_memory_without_full_reload(trained, vecs):
         other.add(vecs[:1] + 99.0)
     assert trained.search(vecs[0] + 99.0, k=1).ids[0] == 803
     assert trained._state is not state
+
+
+def test_reader_refresh_reads_only_the_tail(tmp_path):
+    x = clustered(3000, 16, seed=6)
+    path = tmp_path / "r.db"
+    with Store.open(path, dim=16, stages=4, codebook_size=32, block_size=500) as w:
+        w.add(x[:2000])
+        w.train()
+        with Store.open(path, readonly=True) as r:
+            r.search(x[0], k=1)
+            calls = []
+            real = r._db.read_blocks
+            r._db.read_blocks = lambda v, first=0: calls.append(first) or real(v, first)
+            w.add(x[2000:2600])          # appends: blocks 4 and 5
+            assert r.search(x[2500], k=1).ids[0] == 2500
+            assert calls == [3]           # from the last block it had, not from 0
+            w.delete([2500])
+            w.compact()                   # rewrites everything: full reload
+            res = r.search(x[2500], k=2)
+            assert 2500 not in res.ids and calls[-1] == 0
+            assert len(r) == 2599
+
+
+def test_bias_mask_after_own_delete(trained, vecs):
+    trained.search(vecs[0], k=1)
+    state = trained._state
+    trained.delete([0, 1])
+    assert trained._state is state
+    assert not np.isin([0, 1], trained.search(vecs[:2], k=5).ids).any()

@@ -282,9 +282,11 @@ class Database:
         self.conn.execute("INSERT OR REPLACE INTO rvq_blocks VALUES (?, ?, ?, ?, ?, ?)",
                           (version, block, count, ids, codes, norms))
 
-    def read_blocks(self, version):
+    def read_blocks(self, version, first=0):
+        """Rows (block, count, ids, codes, norms) of ``version`` from block ``first`` on."""
         return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks "
-                          "WHERE version = ? ORDER BY block", (version,)).fetchall()
+                          "WHERE version = ? AND block >= ? ORDER BY block",
+                          (version, first)).fetchall()
 
     def last_block(self, version):
         """(block, count, ids, codes, norms) of the highest block of ``version``, or None."""
