@@ -80,13 +80,13 @@ def originals_rows(base, queries, gt, rq_codes):
 
 
 def sqlite_vec_row(base, queries, gt, folder):
-    import sqlite3
-
+    # apsw, because the stdlib sqlite3 of many Python builds cannot load extensions
+    import apsw
     import sqlite_vec
 
-    con = sqlite3.connect(os.path.join(folder, "vec.db"))
+    con = apsw.Connection(os.path.join(folder, "vec.db"))
     con.enable_load_extension(True)
-    sqlite_vec.load(con)
+    con.load_extension(sqlite_vec.loadable_path())
     con.execute(f"CREATE VIRTUAL TABLE v USING vec0(embedding float[{base.shape[1]}])")
     t = time.perf_counter()
     with con:
@@ -97,7 +97,9 @@ def sqlite_vec_row(base, queries, gt, folder):
     search = lambda q: np.array([[r[0] for r in con.execute(sql, (q[0].tobytes(),))]])
     found = np.vstack([search(queries[i:i + 1]) for i in range(len(queries))])
     qps = qps_single(search, queries, repeats=1)
-    return ["sqlite-vec vec0 float32 KNN", fmt(recall(found, gt)), fmt(qps), fmt(add_rate)]
+    version = con.execute("SELECT vec_version()").fetchone()[0]
+    return [f"sqlite-vec {version} vec0 float32 KNN (exact)", fmt(recall(found, gt)), fmt(qps),
+            fmt(add_rate)]
 
 
 def lancedb_row(base, queries, gt, folder):
@@ -108,12 +110,13 @@ def lancedb_row(base, queries, gt, folder):
     vec = pa.FixedSizeListArray.from_arrays(pa.array(base.reshape(-1)), base.shape[1])
     table = db.create_table("t", pa.table({"id": np.arange(len(base)), "vector": vec}))
     t = time.perf_counter()
-    table.create_index(metric="l2", num_partitions=256, num_sub_vectors=48, index_type="IVF_PQ")
+    parts = max(1, min(256, len(base) // 256))
+    table.create_index(metric="l2", num_partitions=parts, num_sub_vectors=48, index_type="IVF_PQ")
     build = time.perf_counter() - t
 
     def search(q):
         r = (table.search(q[0]).nprobes(50).refine_factor(10).limit(10)
-             .select(["id"]).to_arrow())
+             .select(["id", "_distance"]).to_arrow())
         return np.array([r.column("id").to_numpy()])
     found = np.vstack([search(queries[i:i + 1]) for i in range(len(queries))])
     qps = qps_single(search, queries, repeats=1)
