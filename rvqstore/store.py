@@ -492,19 +492,15 @@ class Store:
                                 pack_codebooks(rq.codebooks), len(sample), train_mse)
         # encode everything in batches, each committed: a crash leaves a 'building'
         # version that the next writer drops, and the active version untouched
-        done, block = 0, 0
-        last_id = None
-        buf = []
+        done, block, last = 0, 0, None
         for ids, blobs in db.iter_vectors(batch=c["block_size"]):
             _report(progress, "encode", done, n)
-            x = self._unpack(blobs)
-            cd = rq.encode(x, beam_width=c["train_beam"])
+            cd = rq.encode(self._unpack(blobs), beam_width=c["train_beam"])
+            last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
             with db.write():
-                db.write_block(version, block, len(ids),
-                               *pack_block(np.asarray(ids, np.int64), cd, rq.norms(cd)))
+                db.write_block(version, block, len(ids), *pack_block(*last))
             block += 1
             done += len(ids)
-            last_id = ids[-1]
         with db.write():
             # vectors added meanwhile by another connection are encoded here, in the switch
             covered = set()
@@ -514,10 +510,11 @@ class Store:
             late = [i for i in live if i not in covered]
             if late:
                 blobs = db.fetch_vectors(late)
-                x = self._unpack([blobs[i] for i in late])
-                cd = rq.encode(x, beam_width=c["train_beam"])
-                db.write_block(version, block, len(late),
-                               *pack_block(np.asarray(late, np.int64), cd, rq.norms(cd)))
+                cd = rq.encode(self._unpack([blobs[i] for i in late]), beam_width=c["train_beam"])
+                new = (np.asarray(late, np.int64), cd, rq.norms(cd))
+                if last is not None:  # keep every block but the last one full
+                    new = tuple(np.concatenate([a, b]) for a, b in zip(last, new))
+                self._write_blocks(db, version, *new, first_block=max(block - 1, 0))
             gone = covered - set(live)  # deleted meanwhile
             db.clear_tombstones()
             if gone:

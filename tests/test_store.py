@@ -332,3 +332,22 @@ def test_bias_mask_after_own_delete(trained, vecs):
     trained.delete([0, 1])
     assert trained._state is state
     assert not np.isin([0, 1], trained.search(vecs[:2], k=5).ids).any()
+
+
+def test_vectors_added_during_retrain_are_encoded_at_the_switch(trained, store_path, vecs):
+    extra = clustered(700, 16, centers=12, seed=77)
+    with Store.open(store_path) as other:
+        def progress(phase, done, total):
+            if phase == "encode" and done == 0:
+                other.add(extra)  # another connection commits mid-retrain
+        trained.config["block_size"] = 300
+        other.config["block_size"] = 300
+        trained.retrain(progress=progress)
+    assert trained.check() == []
+    assert len(trained) == 1500
+    con = sqlite3.connect(store_path)
+    counts = [r[0] for r in con.execute("SELECT count FROM rvq_blocks ORDER BY block")]
+    con.close()
+    assert counts[:-1] == [300] * (len(counts) - 1)  # all but the last block full
+    res = trained.search(extra[:20], k=1)
+    assert (res.ids[:, 0] >= 800).all()
