@@ -213,7 +213,7 @@ class Store:
                 state.update(ids=ids, codes=np.ascontiguousarray(codes), norms=norms, bias=bias)
             else:
                 ids, vecs = self._load_all_originals(db)
-                state.update(ids=ids, vectors=vecs)
+                state.update(ids=ids, vectors=vecs, vector_norms=np.einsum("ij,ij->i", vecs, vecs))
         self._state = state
         self._seen_version = db.data_version()
         return state
@@ -357,6 +357,7 @@ class Store:
             st["bias"] = np.concatenate([st["bias"], extra])
         else:
             st["vectors"] = np.concatenate([st["vectors"], x])
+            st["vector_norms"] = np.concatenate([st["vector_norms"], np.einsum("ij,ij->i", x, x)])
 
     def _append_codes(self, db, version, x, ids, progress):
         row = db.codebooks_row(version)
@@ -601,7 +602,8 @@ class Store:
         if state["count"] == 0:
             raise EmptyStoreError(f"{db.path} holds no vectors")
         if not state["version"]:
-            res = algo.exact_search(state["vectors"], q, k=k, metric=self.metric)
+            res = algo.exact_search(state["vectors"], q, k=k, metric=self.metric,
+                                    vector_norms=state["vector_norms"])
             ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
             res = SearchResult(ids, res.distances)
         else:
