@@ -103,3 +103,32 @@ def test_round_bf16_is_nearest_and_idempotent():
     np.testing.assert_array_equal(round_bf16(r), r)
     np.testing.assert_allclose(r, x, rtol=2 ** -8)
     assert r[0] == 1.0 and r[2] == np.float32(1.0078125)  # ties and rounding up
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_scan_topk_split_matches_single(parts):
+    rng = np.random.default_rng(parts)
+    n, S, K = 1000, 16, 256
+    codes = rng.integers(K, size=(n, S)).astype(np.uint8)
+    lut = rng.standard_normal(S * K).astype(np.float32)
+    bias = rng.random(n).astype(np.float32)
+    pd, pi = kernels.scan_topk_split(codes, lut, bias, 10, parts)
+    rd, ri = scan_topk_ref(codes, lut, bias, 10)
+    flat_d, flat_i = pd.ravel(), pi.ravel()
+    order = np.argsort(flat_d, kind="stable")[:10]
+    np.testing.assert_array_equal(flat_i[order], ri)
+
+
+def test_adc_search_split_path_equals_single(monkeypatch):
+    from rvqstore.algo import ResidualQuantizer, adc_search, search
+
+    rng = np.random.default_rng(3)
+    rq = ResidualQuantizer(rng.standard_normal((4, 16, 8)).astype(np.float32))
+    codes = rng.integers(16, size=(5000, 4)).astype(np.uint8)
+    bias = rq.norms(codes)
+    q = rng.standard_normal((1, 8)).astype(np.float32)
+    one = adc_search(rq, codes, q, k=7, bias=bias)
+    monkeypatch.setattr(search, "SPLIT_ROWS", 100)
+    split = adc_search(rq, codes, q, k=7, bias=bias)
+    np.testing.assert_array_equal(one.ids, split.ids)
+    np.testing.assert_allclose(one.distances, split.distances)

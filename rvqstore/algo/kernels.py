@@ -222,3 +222,23 @@ def matvec_bf16(a, v):
             acc += f[t] * v[t]
         out[j] = acc
     return out
+
+
+@njit(cache=True, parallel=True)
+def scan_topk_split(codes, lut, bias, k, parts):
+    """:func:`scan_topk` for one query with the rows split over ``parts`` threads.
+
+    Returns per-part results (parts, k) with global row numbers; the caller merges them.
+    """
+    n = codes.shape[0]
+    out_d = np.empty((parts, k), dtype=np.float32)
+    out_i = np.empty((parts, k), dtype=np.int64)
+    step = (n + parts - 1) // parts
+    for p in prange(parts):
+        lo = min(p * step, n)
+        hi = min(lo + step, n)
+        _scan_one(codes[lo:hi], lut, bias[lo:hi], k, out_d[p], out_i[p])
+        for j in range(k):
+            if out_i[p, j] >= 0:
+                out_i[p, j] += lo
+    return out_d, out_i

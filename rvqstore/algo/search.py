@@ -7,11 +7,16 @@ normalised by the caller, see :func:`normalize`).
 
 from typing import NamedTuple, Optional
 
+import numba
 import numpy as np
 
 from ..errors import InvalidInputError
 from . import kernels
 from .validate import check_k, check_metric
+
+
+SPLIT_ROWS = 1 << 18
+"""A single query scans this many rows or more on all of numba's threads."""
 
 
 class SearchResult(NamedTuple):
@@ -110,8 +115,16 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, threads_
     lut, const = quantizer.lut(queries, metric)
     lut = np.ascontiguousarray(lut, dtype=np.float32)
     if len(queries) == 1:
-        d, i = kernels.scan_topk(codes, lut[0], bias, k)
-        d, i = d[None], i[None]
+        threads = numba.get_num_threads()
+        if n >= SPLIT_ROWS and threads > 1:
+            # a lone query on a large store: split its scan over the threads, merge the tops
+            pd, pi = kernels.scan_topk_split(codes, lut[0], bias, k, threads)
+            pd, pi = pd.reshape(1, -1), pi.reshape(1, -1)
+            top, d = _topk_rows(pd, k)
+            i = np.where(top >= 0, np.take_along_axis(pi, np.maximum(top, 0), axis=1), -1)
+        else:
+            d, i = kernels.scan_topk(codes, lut[0], bias, k)
+            d, i = d[None], i[None]
     else:
         d, i = kernels.scan_topk_batch(codes, lut, bias, k)
     d = d + const[:, None].astype(np.float32)
