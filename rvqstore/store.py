@@ -629,8 +629,14 @@ class Store:
             blob = self._db.fetch_concat(ids.tolist())
             if blob is not None:
                 return unpack_originals([blob], fmt, self.dim * len(ids)).reshape(len(ids), self.dim)
+        # some candidates were deleted by another connection since our arrays were read:
+        # NaN rows rank them last and rerank drops them
         blobs = self._db.fetch_vectors(ids.tolist())
-        return self._unpack([blobs[i] for i in ids.tolist()])
+        out = np.full((len(ids), self.dim), np.nan, np.float32)
+        have = [j for j, i in enumerate(ids.tolist()) if i in blobs]
+        if have:
+            out[have] = self._unpack([blobs[int(ids[j])] for j in have])
+        return out
 
     # -- maintenance ------------------------------------------------------------------------
 

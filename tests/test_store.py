@@ -351,3 +351,14 @@ def test_vectors_added_during_retrain_are_encoded_at_the_switch(trained, store_p
     assert counts[:-1] == [300] * (len(counts) - 1)  # all but the last block full
     res = trained.search(extra[:20], k=1)
     assert (res.ids[:, 0] >= 800).all()
+
+
+def test_candidates_deleted_by_another_connection_are_dropped(trained, store_path, vecs):
+    trained.search(vecs[0], k=1)  # arrays loaded
+    with Store.open(store_path) as other:
+        other.delete([0])
+    # our arrays are refreshed on the next search, but the rerank fetch must also cope with
+    # rows vanishing between the scan and the fetch: simulate with a stale state
+    trained._seen_version = trained._db.data_version()
+    res = trained.search(vecs[0], k=3)
+    assert 0 not in res.ids and (res.ids >= 0).all()

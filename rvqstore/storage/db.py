@@ -57,6 +57,7 @@ class Database:
     def __init__(self, path, *, readonly=False):
         self.path = os.fspath(path)
         self.readonly = readonly
+        self._orig = None
         exists = os.path.exists(self.path)
         if not readonly and exists and not os.stat(self.path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise ReadOnlyError(f"{self.path} is a read-only file: open it with readonly=True")
@@ -103,6 +104,8 @@ class Database:
             raise BadFileError(f"{self.path} is missing rvqstore tables: the file is corrupted")
 
     def close(self):
+        if self._orig is not None:
+            self._orig.close()
         self.conn.close()
 
     # -- transactions -----------------------------------------------------------------------
@@ -195,12 +198,32 @@ class Database:
         """{id: blob} for the ids present."""
         return dict(self._in_chunks("SELECT id, vector FROM rvq_vectors WHERE id IN ({})", ids))
 
+    def _originals_conn(self):
+        """A second, read-only connection without memory mapping, for rerank reads.
+
+        Mapped reads of scattered originals count every touched page (and its neighbours)
+        as resident memory of the process; read through SQLite's bounded page cache they
+        cost ~0.05 ms more per query and memory stays flat.
+        """
+        if self._orig is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA mmap_size = 0")
+            conn.execute("PRAGMA cache_size = -8192")
+            conn.execute("PRAGMA busy_timeout = 10000")
+            self._orig = conn
+        return self._orig
+
     def fetch_concat(self, ids):
         """The originals of sorted, unique ``ids`` as one concatenated BLOB, or None when
         some are missing. One row out of SQLite instead of one per vector: the rerank path."""
         sql = ("SELECT CAST(group_concat(vector, x'') AS BLOB), count(vector) FROM ("
                "SELECT vector FROM rvq_vectors WHERE id IN ({}) ORDER BY id)")
-        blob, n = self.query(sql.format(",".join("?" * len(ids))), ids).fetchone()
+        try:
+            blob, n = self._originals_conn().execute(
+                sql.format(",".join("?" * len(ids))), ids).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise _classify(exc, self.path) from exc
         return blob if n == len(ids) else None
 
     def delete_vectors(self, ids):
