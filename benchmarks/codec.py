@@ -109,7 +109,7 @@ def faiss_rows(base, queries, gt, args):
     run(name, rq, 16 + 4, decoded=True, via=refine)
     with Threads(1, faiss):
         search = lambda q: refine.search(q, 10)[1]
-        rows.append(measure(f"faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
+        rows.append(measure("faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
                             search, search, queries, gt))
     return rows
 

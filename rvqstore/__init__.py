@@ -1,6 +1,7 @@
 """rvqstore: a persistent embedded vector store on residual vector quantization."""
 
 from .algo import ProductQuantizer, ResidualQuantizer, SearchResult
+from .cache import EmbeddingCache
 from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError,
                      EmptyStoreError, InvalidInputError, NotTrainedError, OriginalsMissingError,
                      ReadOnlyError, RvqstoreError, SchemaTooNewError, StoreClosedError,
@@ -9,8 +10,8 @@ from .store import Store
 
 __version__ = "0.1.0"
 
-__all__ = ["Store", "SearchResult", "ResidualQuantizer", "ProductQuantizer", "RvqstoreError",
-           "InvalidInputError", "DimensionMismatchError", "DuplicateError", "UnknownIdError",
-           "EmptyStoreError", "ConfigMismatchError", "StoreClosedError", "ReadOnlyError",
-           "BadFileError", "SchemaTooNewError", "NotTrainedError", "OriginalsMissingError",
-           "__version__"]
+__all__ = ["Store", "EmbeddingCache", "SearchResult", "ResidualQuantizer", "ProductQuantizer",
+           "RvqstoreError", "InvalidInputError", "DimensionMismatchError", "DuplicateError",
+           "UnknownIdError", "EmptyStoreError", "ConfigMismatchError", "StoreClosedError",
+           "ReadOnlyError", "BadFileError", "SchemaTooNewError", "NotTrainedError",
+           "OriginalsMissingError", "__version__"]

@@ -4,12 +4,15 @@ This facade is the only module that joins the codec (:mod:`rvqstore.algo`) and t
 (:mod:`rvqstore.storage`).
 """
 
+import os
+
 import numpy as np
 
 from . import algo
 from .algo import ResidualQuantizer, SearchResult
 from .algo.validate import as_matrix, check_k, check_metric
-from .errors import (ConfigMismatchError, DuplicateError, EmptyStoreError, InvalidInputError,
+from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError, EmptyStoreError,
+                     InvalidInputError,
                      NotTrainedError, OriginalsMissingError, RvqstoreError, StoreClosedError,
                      UnknownIdError)
 from .storage import (ORIGINAL_FORMATS, Database, pack_block, pack_codebooks, pack_originals,
@@ -60,7 +63,7 @@ class Store:
 
     @classmethod
     def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
-             keep_originals=None, originals=None, readonly=False, block_size=None,
+             keep_originals=None, originals=None, readonly=False, create=True, block_size=None,
              train_beam=None, add_beam=None, train_sample=None, seed=None):
         """Open the store at ``path``, creating it when missing (unless ``readonly``).
 
@@ -74,6 +77,7 @@ class Store:
         keep_originals : bool, keep the vectors for rerank, get() and retrain (default True)
         originals : "float32", "float16" or "zstd", how originals are stored
         readonly : bool, open without write access
+        create : bool, create the store when ``path`` is missing (else ``BadFileError``)
         block_size : int, vectors per code block (default 16384)
         train_beam, add_beam : int, beam width when (re)training encodes everything and
             when add() encodes new vectors (default 1, greedy: see the README's measurements)
@@ -87,9 +91,24 @@ class Store:
                      keep_originals=keep_originals, originals=originals, block_size=block_size,
                      train_beam=train_beam, add_beam=add_beam, train_sample=train_sample,
                      seed=seed)
+        fresh = {k: (given[k] if given[k] is not None else d) for k, (t, d) in _CONFIG.items()}
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            if not create and not readonly:
+                raise BadFileError(f"{os.fspath(path)} does not exist")
+            cls._validate_config(fresh)  # before a file is made: a refused open leaves none
         db = Database(path, readonly=readonly)
         try:
             stored = db.meta()
+            if not stored and not readonly:
+                # create under the write lock: another process may be creating it right now
+                cls._validate_config(fresh)
+                with db.write():
+                    stored = db.meta()
+                    if not stored:
+                        db.set_meta(format=1, active_version=0, next_id=0,
+                                    **{k: (int(v) if isinstance(v, bool) else v)
+                                       for k, v in fresh.items() if v is not None})
+                        stored = db.meta()
             if stored:
                 config = {k: _parse(t, stored[k]) if k in stored else d
                           for k, (t, d) in _CONFIG.items()}
@@ -101,17 +120,14 @@ class Store:
                             f"{name}={value!r} was asked for, but {db.path} has {name}={config[name]!r}")
                 if config["dim"] is None and dim is not None and not readonly:
                     with db.write():
+                        now = db.meta().get("dim")
+                        if now is not None and int(now) != dim:
+                            raise ConfigMismatchError(
+                                f"dim={dim} was asked for, but {db.path} has dim={now}")
                         db.set_meta(dim=dim)
                     config["dim"] = dim
             else:
-                config = {k: (given[k] if given[k] is not None else d) for k, (t, d) in _CONFIG.items()}
-                cls._validate_config(config)
-                if readonly:
-                    raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
-                with db.write():
-                    db.set_meta(format=1, active_version=0, next_id=0,
-                                **{k: (int(v) if isinstance(v, bool) else v)
-                                   for k, v in config.items() if v is not None})
+                raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
             store = cls(db, config)
             if not readonly:
                 store._drop_stale_builds()
@@ -256,11 +272,11 @@ class Store:
         return arr.astype(np.int64)
 
     @staticmethod
-    def _key_list(keys, n):
+    def _key_list(keys, n, allow_none=False):
         keys = list(keys)
         if len(keys) != n:
             raise InvalidInputError(f"got {len(keys)} keys for {n} vectors")
-        bad = [k for k in keys if not isinstance(k, str)]
+        bad = [k for k in keys if not isinstance(k, str) and not (allow_none and k is None)]
         if bad:
             raise InvalidInputError(f"keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
         return keys
@@ -290,8 +306,9 @@ class Store:
         x = self._vectors(vectors)
         n = len(x)
         if keys is not None:
-            keys = self._key_list(keys, n)
-            if len(set(keys)) != n:
+            keys = self._key_list(keys, n, allow_none=True)  # None: this row has no key
+            named = [k for k in keys if k is not None]
+            if len(set(named)) != len(named):
                 raise DuplicateError("keys contain duplicates")
         if ids is not None:
             ids = self._id_array(ids)
@@ -303,11 +320,15 @@ class Store:
             fresh = self._state is not None and db.data_version() == self._seen_version
             meta = db.meta()
             if self.dim is None:
+                if "dim" in meta and int(meta["dim"]) != x.shape[1]:
+                    # another connection set the dimension first
+                    raise DimensionMismatchError(
+                        f"vectors have dim={x.shape[1]}, store has dim={meta['dim']}")
                 self.config["dim"] = x.shape[1]
                 db.set_meta(dim=x.shape[1])
             out = None
             if keys is not None and skip_existing_keys:
-                found = db.ids_for_keys(keys)
+                found = db.ids_for_keys([k for k in keys if k is not None])
                 if found:
                     out = np.asarray([found.get(k, -1) for k in keys], np.int64)
                     new = out < 0
@@ -324,15 +345,17 @@ class Store:
                 if taken:
                     raise DuplicateError(f"ids already in the store: {sorted(taken)[:5]}")
             if keys is not None:
-                taken = db.existing_keys(keys)
+                taken = db.existing_keys([k for k in keys if k is not None])
                 if taken:
                     raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
             version = self._meta_int(meta, "active_version")
+            _report(progress, "add", 0, m)
             keep = self.config["keep_originals"] or not version
             blobs = pack_originals(x, self.config["originals"]) if keep else [None] * m
             db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
             appended = self._append_codes(db, version, x, ids, progress) if version else None
             db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
+        _report(progress, "add", m, m)
         self._after_add(fresh, version, x, ids, appended)
         if out is not None:
             out[out < 0] = ids
@@ -561,10 +584,37 @@ class Store:
             found = db.keys_for_ids(ids)
             yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs))
 
-    def ids_for_keys(self, keys):
-        """Ids of ``keys`` (int64), refusing unknown keys."""
+    def ids_for_keys(self, keys, *, missing="raise"):
+        """Ids of ``keys`` (int64). Unknown keys raise ``UnknownIdError``, or with
+        ``missing="skip"`` get id -1."""
         db = self._live()
-        return self._resolve(db, None, keys)
+        if missing == "raise":
+            return self._resolve(db, None, keys)
+        if missing != "skip":
+            raise InvalidInputError(f'missing must be "raise" or "skip", got {missing!r}')
+        keys = self._key_list(keys, len(list(keys)))
+        found = db.ids_for_keys(keys)
+        return np.asarray([found.get(k, -1) for k in keys], np.int64)
+
+    _USER = "user."
+
+    def user_meta(self):
+        """The application's own key/value strings kept in the file (``set_user_meta``)."""
+        meta = self._live().meta()
+        return {k[len(self._USER):]: v for k, v in meta.items() if k.startswith(self._USER)}
+
+    def set_user_meta(self, name, value, *, only_if_absent=False):
+        """Keep ``name = value`` (strings) in the file, in one transaction; returns the value
+        stored afterwards (with ``only_if_absent``, an existing value wins and is returned)."""
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidInputError("user metadata names and values must be strings")
+        db = self._live()
+        with db.write():
+            current = db.meta().get(self._USER + name)
+            if current is not None and only_if_absent:
+                return current
+            db.set_meta(**{self._USER + name: value})
+        return value
 
     def keys(self, ids):
         """Keys of ``ids`` (None where a vector has no key)."""

@@ -11,7 +11,6 @@ from rvqstore.algo import (ProductQuantizer, ResidualQuantizer, adc_search, exac
                            normalize, rerank)
 from rvqstore.errors import DimensionMismatchError, InvalidInputError
 
-from conftest import clustered
 
 
 def test_kmeans_finds_separated_clusters():

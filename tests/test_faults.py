@@ -198,3 +198,18 @@ def test_sigkill_leaves_a_consistent_store(tmp_path, mode, step):
                 assert n == start
             if n:
                 assert s.search(base[0], k=3).ids.shape == (3,)
+
+
+def test_refused_open_leaves_no_file(tmp_path):
+    path = tmp_path / "new.db"
+    with pytest.raises(InvalidInputError, match="stages"):
+        Store.open(path, dim=4, stages=0)
+    assert not path.exists()
+
+
+def test_open_without_create_and_in_a_missing_folder(tmp_path):
+    with pytest.raises(BadFileError, match="does not exist"):
+        Store.open(tmp_path / "absent.db", create=False)
+    assert not (tmp_path / "absent.db").exists()
+    with pytest.raises(BadFileError, match="cannot open"):
+        Store.open(tmp_path / "no" / "such" / "folder.db", dim=4)

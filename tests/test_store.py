@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from rvqstore import (BadFileError, ConfigMismatchError, OriginalsMissingError, Store,
-                      StoreClosedError)
+from rvqstore import ConfigMismatchError, OriginalsMissingError, Store, StoreClosedError
 from rvqstore.algo import exact_search
 
 from conftest import clustered
@@ -362,3 +361,38 @@ def test_candidates_deleted_by_another_connection_are_dropped(trained, store_pat
     trained._seen_version = trained._db.data_version()
     res = trained.search(vecs[0], k=3)
     assert 0 not in res.ids and (res.ids >= 0).all()
+
+
+def test_ids_for_keys_can_skip_missing(trained):
+    np.testing.assert_array_equal(trained.ids_for_keys(["item-3", "nope"], missing="skip"), [3, -1])
+
+
+def test_user_meta(trained, store_path):
+    assert trained.user_meta() == {}
+    assert trained.set_user_meta("model", "a") == "a"
+    assert trained.set_user_meta("model", "b", only_if_absent=True) == "a"
+    with Store.open(store_path, readonly=True) as r:
+        assert r.user_meta() == {"model": "a"}
+
+
+def test_two_processes_create_the_same_store(tmp_path):
+    path = tmp_path / "race.db"
+    code = ("import sys, numpy as np; from rvqstore import Store\n"
+            "s = Store.open(sys.argv[1], dim=8, stages=2, codebook_size=4)\n"
+            "s.add(np.ones((5, 8), np.float32)); s.close()")
+    for attempt in range(3):
+        path = tmp_path / f"race{attempt}.db"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        errs = [p.communicate()[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), errs
+        with Store.open(path) as s:
+            assert len(s) == 10 and s.check() == []
+
+
+def test_some_rows_without_keys(store_path, vecs):
+    with Store.open(store_path, dim=16) as s:
+        ids = s.add(vecs[:3], keys=["a", None, "c"])
+        assert s.keys(ids) == ["a", None, "c"]
+        s.add(vecs[3:5], keys=[None, None])
+        assert len(s) == 5

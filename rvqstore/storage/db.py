@@ -26,6 +26,8 @@ def _classify(exc, path):
         return BadFileError(f"{path} is not an rvqstore file or is corrupted ({msg})")
     if "readonly" in msg or "read-only" in msg:
         return ReadOnlyError(f"{path} cannot be written ({msg})")
+    if "unable to open" in msg:
+        return BadFileError(f"cannot open {path} ({msg}): does its folder exist?")
     return exc
 
 

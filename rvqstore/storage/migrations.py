@@ -64,6 +64,9 @@ def apply_pending(conn, path):
         sql = file.read_text(encoding="utf-8")
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if applied_version(conn) >= version:  # another process applied it meanwhile
+                conn.execute("COMMIT")
+                continue
             conn.execute(BOOTSTRAP)
             # executescript would commit first; run statement by statement in our transaction
             for stmt in _statements(sql):

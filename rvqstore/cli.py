@@ -1,0 +1,550 @@
+"""The command line, ``rvqstore COMMAND DB ...``: a thin click layer over :class:`Store`.
+
+Errors the library raises on purpose (every :class:`RvqstoreError`, malformed input files
+included) and file errors become one line, ``Error: ...``, with exit code 1, in
+:meth:`_Group.invoke` and nowhere else; click's usage errors exit with 2.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import time
+
+import click
+import numpy as np
+
+from . import __version__, benchmark
+from .algo.validate import METRICS
+from .errors import BadFileError, InvalidInputError, RvqstoreError
+from .inputs import FORMATS, parse_vector, read_vectors
+from .storage import ORIGINAL_FORMATS
+from .store import Store
+
+
+class _Group(click.Group):
+    """The one place where errors become ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RvqstoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:  # `rvqstore export vecs.db | head`: click exits quietly
+            raise
+        except OSError as exc:  # output files
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+
+class _VectorType(click.ParamType):
+    """A JSON array of numbers given on the command line."""
+
+    name = "JSON"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, np.ndarray):
+            return value
+        try:
+            return parse_vector(value, name="the query")
+        except InvalidInputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "max_content_width": 80})
+@click.version_option(__version__, "--version", prog_name="rvqstore")
+def main():
+    """rvqstore: a vector store in one SQLite file (RVQ codes, ADC search, exact rerank).
+
+    Every command takes the store file first, then its arguments:
+
+    \b
+        rvqstore create vecs.db --dim 384
+        rvqstore add vecs.db vectors.npy --train
+        rvqstore search vecs.db --vector '[0.1, 0.2, ...]' -k 5
+    """
+
+
+# -- shared options and helpers -------------------------------------------------------------
+
+def _db(f):
+    return click.argument("db", type=click.Path(dir_okay=False))(f)
+
+
+def _output(f):
+    f = click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def _quiet(f):
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="No progress bar (there is none when stderr is not a terminal).")(f)
+
+
+def _format(as_json, as_csv):
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    return "json" if as_json else "csv" if as_csv else "table"
+
+
+@contextlib.contextmanager
+def _removed_on_error(db):
+    """A store file that this command creates is removed again if the command fails
+    (``Store.open`` leaves a new file behind when it refuses a configuration)."""
+    new = not os.path.exists(db)
+    try:
+        yield
+    except BaseException:
+        if new:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(db + suffix)
+        raise
+
+
+def _open(db, *, readonly=False, create=False, **config):
+    """Open a store; only ``create`` (and ``add``) make a new file."""
+    if not create and not readonly and not os.path.exists(db):
+        raise BadFileError(f"{db} does not exist")
+    return Store.open(db, readonly=readonly, **config)
+
+
+class _Progress:
+    """``progress(phase, done, total)`` drawn on stderr, one line per phase, with the rate
+    and the time left; does nothing when ``enabled`` is false."""
+
+    width = 24
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.phase = None
+        self.open = False
+        self.drawn = 0.0
+        self.done = 0
+
+    @classmethod
+    def for_terminal(cls, quiet):
+        return cls(not quiet and sys.stderr.isatty())
+
+    def __call__(self, phase, done, total):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if phase != self.phase or done < self.done:  # a new phase, or the same one again
+            self.close()
+            self.phase, self.start, self.first = phase, now, done
+        elif not self.open or (done < total and now - self.drawn < 0.1):
+            return  # finished, or drawn a moment ago
+        self.drawn, self.done = now, done
+        filled = int(self.width * min(done / total, 1.0)) if total else self.width
+        elapsed = now - self.start
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        left = _clock((total - done) / rate) if rate > 0 else "?"
+        rate_text = f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
+        line = (f"{phase:<10} [{'#' * filled}{'-' * (self.width - filled)}] "
+                f"{done:,}/{total:,}  {rate_text}/s  ETA {left}")
+        click.echo("\r" + line + "\x1b[K", nl=False, err=True)
+        self.open = True
+        if done >= total:
+            self.close()
+
+    def close(self):
+        if self.open:
+            click.echo(err=True)
+            self.open = False
+
+
+def _clock(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _count(n, what="vector"):
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
+def _f32(x):
+    """The shortest decimal that reads back as the same float32."""
+    return float(str(np.float32(x)))
+
+
+def _vector(vec):
+    return [float(s) for s in vec.astype(str)]
+
+
+def _cell(value, thousands=False):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if thousands else str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):  # a vector: its ends, the full one with --json or --csv
+        shown = [f"{v:.4g}" for v in value[:4]]
+        if len(value) > 5:
+            shown.append("...")
+        shown += [f"{v:.4g}" for v in value[4:][-1:]]
+        return "[" + ", ".join(shown) + "]"
+    return str(value)
+
+
+def _emit(rows, columns, fmt, *, thousands=False, formats=None):
+    """Print ``rows`` (dicts) as an aligned table, a JSON array or CSV.
+
+    ``formats`` maps a column to a format string for its cells in the table."""
+    if fmt == "json":
+        click.echo("[" + ",\n ".join(json.dumps(r) for r in rows) + "]")
+    elif fmt == "csv":
+        header = []
+        for c in columns:
+            vec = rows[0].get(c) if rows else None
+            header += [f"v{i}" for i in range(len(vec))] if isinstance(vec, list) else [c]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        for r in rows:
+            cells = []
+            for c in columns:
+                v = r.get(c)
+                cells += v if isinstance(v, list) else ["" if v is None else v]
+            writer.writerow(cells)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        formats = formats or {}
+        cells = [[formats[c].format(r[c]) if c in formats and r.get(c) is not None
+                  else _cell(r.get(c), thousands) for c in columns] for r in rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+        right = [all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                     for v in (r.get(c) for r in rows) if v is not None) for c in columns]
+        for row in [list(columns), ["-" * w for w in widths]] + cells:
+            click.echo("  ".join(v.rjust(w) if r else v.ljust(w)
+                                 for v, w, r in zip(row, widths, right)).rstrip())
+
+
+def _emit_mapping(mapping, fmt):
+    """Print a dict: indented JSON, or field/value rows (nested dicts as ``a.b``)."""
+    if fmt == "json":
+        click.echo(json.dumps(mapping, indent=2))
+        return
+    flat = []
+    for name, value in mapping.items():
+        if isinstance(value, dict):
+            flat += [{"field": f"{name}.{k}", "value": v} for k, v in value.items()]
+        else:
+            flat.append({"field": name, "value": value})
+    _emit(flat, ["field", "value"], fmt, thousands=True)
+
+
+def _rows_for(store, ids, vectors):
+    keys = store.keys(ids)
+    return [{"id": int(i), "key": k, "vector": _vector(v)} for i, k, v in zip(ids, keys, vectors)]
+
+
+# -- commands -------------------------------------------------------------------------------
+
+@main.command()
+@_db
+@click.option("--dim", type=int, metavar="N",
+              help="Vector dimension [default: taken from the first add].")
+@click.option("--metric", type=click.Choice(METRICS),
+              help="Distance: squared L2, inner product or cosine [default: l2].")
+@click.option("--stages", type=int, metavar="N",
+              help="RVQ stages, code bytes per vector [default: 16].")
+@click.option("--codebook-size", type=int, metavar="K",
+              help="Codewords per stage, 2-256 [default: 256].")
+@click.option("--originals", type=click.Choice(ORIGINAL_FORMATS),
+              help="How originals are kept for rerank and get [default: float32].")
+@click.option("--no-originals", is_flag=True,
+              help="Drop the originals at the first training: smaller, no rerank, get, "
+                   "retrain or export after it.")
+def create(db, dim, metric, stages, codebook_size, originals, no_originals):
+    """Create a new, empty store."""
+    if os.path.exists(db):
+        raise BadFileError(f"{db} already exists")
+    with _removed_on_error(db), _open(db, create=True, dim=dim, metric=metric, stages=stages,
+                                      codebook_size=codebook_size, originals=originals,
+                                      keep_originals=False if no_originals else None) as store:
+        c = store.config
+        kept = c["originals"] if c["keep_originals"] else "dropped at training"
+        dim = f"dim={c['dim']}" if c["dim"] else "dim from the first add"
+        click.echo(f"Created {db}: {dim}, metric={c['metric']}, "
+                   f"{c['stages']} stages x {c['codebook_size']} codewords, originals {kept}")
+
+
+@main.command()
+@_db
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="Format of FILE [default: from the extension; JSON lines or CSV on stdin].")
+@click.option("--train", is_flag=True,
+              help="Train after adding (on a trained store: retrain).")
+@click.option("--skip-existing-keys", is_flag=True,
+              help="Skip rows whose key is already stored instead of refusing them.")
+@_quiet
+def add(db, file, fmt, train, skip_existing_keys, quiet):
+    """Add the vectors of FILE (npy, fvecs, jsonl, csv; - for stdin).
+
+    JSON lines: {"id": 7, "key": "doc-7", "vector": [...]} per line, id and key
+    optional. CSV: numbers only, or a header whose id and key columns are taken as
+    such and whose other columns are the vector. The store is created if missing.
+    All rows go in one transaction.
+    """
+    loaded = read_vectors(file, format=fmt)
+    progress = _Progress.for_terminal(quiet)
+    with _removed_on_error(db):
+        store = _open(db, create=True)
+        try:
+            before = len(store)
+            t = time.perf_counter()
+            store.add(loaded.vectors, ids=loaded.ids, keys=loaded.keys,
+                      skip_existing_keys=skip_existing_keys, progress=progress)
+        except BaseException:
+            store.close()
+            raise
+    with store:  # a failed --train keeps the vectors added
+        progress.close()
+        after = len(store)
+        skipped = len(loaded.vectors) - (after - before)
+        note = f", skipped {skipped:,} already stored" if skipped else ""
+        click.echo(f"Added {_count(after - before)} to {db}{note} in "
+                   f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
+        if train:
+            _train(store, db, store.train, progress, "Trained")
+
+
+def _train(store, db, method, progress, verb):
+    t = time.perf_counter()
+    info = method(progress=progress)
+    progress.close()
+    click.echo(f"{verb} {db} in {time.perf_counter() - t:.1f} s: codebook version "
+               f"{info['codebook_version']}, {info['count']:,} vectors, "
+               f"train MSE {info['train_mse']:.4g}")
+
+
+@main.command()
+@_db
+@_quiet
+def train(db, quiet):
+    """Fit the codebooks and encode every vector.
+
+    Until then search is exact. On a trained store this retrains.
+    """
+    with _open(db) as store:
+        _train(store, db, store.train, _Progress.for_terminal(quiet), "Trained")
+
+
+@main.command()
+@_db
+@_quiet
+def retrain(db, quiet):
+    """Fit new codebooks, re-encode, switch atomically.
+
+    Searches keep using the old codebooks until the switch.
+    """
+    with _open(db) as store:
+        _train(store, db, store.retrain, _Progress.for_terminal(quiet), "Retrained")
+
+
+@main.command()
+@_db
+@click.argument("queryfile", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--vector", "vector", type=_VectorType(), help="The query as a JSON array.")
+@click.option("--key", metavar="KEY", help="Query with the stored vector of this key.")
+@click.option("--id", "id_", type=int, metavar="ID",
+              help="Query with the stored vector of this id.")
+@click.option("-k", "k", type=int, default=10, metavar="K", show_default=True,
+              help="Results per query.")
+@click.option("--rerank", type=int, metavar="N",
+              help="Rerank k x N candidates exactly; 1: codes alone [default: 10].")
+@click.option("--exclude-self", is_flag=True,
+              help="With --key or --id: leave the item itself out of its results.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS),
+              help="Format of QUERYFILE [default: as for add].")
+@_output
+def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_json, as_csv):
+    """The k nearest stored vectors of each query.
+
+    Give the queries as QUERYFILE (any format add reads; - for stdin), or one query
+    with --vector, or --key / --id to find what is like a stored item (the item
+    itself is in its results unless --exclude-self).
+    """
+    out = _format(as_json, as_csv)
+    given = [n for n, v in (("QUERYFILE", queryfile), ("--vector", vector), ("--key", key),
+                            ("--id", id_)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give one of QUERYFILE, --vector, --key or --id"
+                               + (f", not {' and '.join(given)}" if given else ""))
+    if exclude_self and key is None and id_ is None:
+        raise click.UsageError("--exclude-self goes with --key or --id")
+    with _open(db, readonly=True) as store:
+        self_id = None
+        if queryfile is not None:
+            queries = read_vectors(queryfile, format=fmt).vectors
+        elif vector is not None:
+            queries = vector[None, :]
+        else:
+            self_id = int(store.ids_for_keys([key])[0]) if key is not None else id_
+            queries = store.get([self_id])
+        extra = 1 if exclude_self else 0
+        res = store.search(queries, k=k + extra, rerank=rerank, with_keys=True)
+    rows = []
+    for q in range(len(queries)):
+        hits = [(int(i), kk, d) for i, kk, d in zip(res.ids[q], res.keys[q], res.distances[q])
+                if i >= 0 and not (exclude_self and i == self_id)][:k]
+        rows += [{"query": q, "rank": r, "id": i, "key": kk, "distance": _f32(d)}
+                 for r, (i, kk, d) in enumerate(hits, 1)]
+    columns = ["query", "rank", "id", "key", "distance"]
+    if out == "table":
+        if len(queries) == 1:
+            columns.remove("query")
+        if all(r["key"] is None for r in rows):
+            columns.remove("key")
+    _emit(rows, columns, out, formats={"distance": "{:.4f}"})
+
+
+@main.command()
+@_db
+@click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="An id (repeatable).")
+@click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
+@_output
+def get(db, ids, keys, as_json, as_csv):
+    """Print stored vectors by id or key.
+
+    The table shows the ends of each vector; --json and --csv print all of it.
+    """
+    out = _format(as_json, as_csv)
+    if bool(ids) == bool(keys):
+        raise click.UsageError("give --id or --key (one or more), not both")
+    with _open(db, readonly=True) as store:
+        found = np.asarray(ids, np.int64) if ids else store.ids_for_keys(list(keys))
+        rows = _rows_for(store, found, store.get(found))
+    _emit(rows, ["id", "key", "vector"], out)
+
+
+@main.command()
+@_db
+@click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="An id (repeatable).")
+@click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
+def delete(db, ids, keys):
+    """Delete vectors by id or key, all or none.
+
+    The space is freed by compact.
+    """
+    if bool(ids) == bool(keys):
+        raise click.UsageError("give --id or --key (one or more), not both")
+    with _open(db) as store:
+        n = store.delete(list(ids)) if ids else store.delete(keys=list(keys))
+        click.echo(f"Deleted {_count(n)} from {db} ({len(store):,} left)")
+
+
+@main.command()
+@_db
+@_quiet
+def compact(db, quiet):
+    """Free the space of deleted vectors and shrink the file."""
+    with _open(db) as store:
+        size = sum(store.info()["bytes"][p] for p in ("file", "wal"))
+        progress = _Progress.for_terminal(quiet)
+        store.compact(progress=progress)
+        progress.close()
+        now = sum(store.info()["bytes"][p] for p in ("file", "wal"))
+        click.echo(f"Compacted {db}: {now:,} bytes on disk (was {size:,})")
+
+
+@main.command()
+@_db
+@_output
+def info(db, as_json, as_csv):
+    """Counts, configuration, training state and bytes on disk by part."""
+    with _open(db, readonly=True) as store:
+        _emit_mapping(store.info(), _format(as_json, as_csv))
+
+
+@main.command()
+@_db
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="File to write [default: stdout].")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "csv"]),
+              help="jsonl and csv keep ids and keys and are read back by add; npy holds "
+                   "the vectors only, in id order [default: from -o's extension, else jsonl].")
+@click.option("--batch-size", type=int, default=8192, show_default=True, hidden=True)
+def export(db, output, fmt, batch_size):
+    """Write every stored vector with its id and key."""
+    fmt = fmt or {".npy": "npy", ".csv": "csv"}.get(os.path.splitext(output)[1].lower(), "jsonl")
+    if fmt == "npy" and output == "-":
+        raise click.UsageError("--format npy needs -o FILE")
+    with _open(db, readonly=True) as store:
+        batches = store.iter(batch_size=batch_size)
+        if fmt == "npy":
+            parts = [vecs for _, _, vecs in batches] or [np.empty((0, store.dim), np.float32)]
+            with _output_file(output, "wb") as f:
+                np.save(f, np.concatenate(parts))
+            return
+        with _output_file(output, "w") as f:
+            writer = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
+            if writer:
+                writer.writerow(["id", "key"] + [f"v{i}" for i in range(store.dim or 0)])
+            for ids, keys, vecs in batches:
+                text = vecs.astype(str)
+                for i, key, vec in zip(ids.tolist(), keys, text):
+                    if writer:
+                        writer.writerow([i, "" if key is None else key, *vec])
+                    else:
+                        named = "" if key is None else f'"key": {json.dumps(key)}, '
+                        f.write(f'{{"id": {i}, {named}"vector": [{", ".join(vec)}]}}\n')
+
+
+def _output_file(path, mode):
+    """``path`` opened for writing, or stdout for "-"; a file appears only when complete."""
+    try:
+        return click.open_file(path, mode, encoding=None if "b" in mode else "utf-8",
+                               atomic=path != "-")
+    except OSError as exc:  # name the file asked for, not click's temporary one
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
+@main.command()
+@click.argument("dataset_dir", type=click.Path(file_okay=False))
+@click.option("--limit", type=int, metavar="N",
+              help="Use the first N base vectors (ground truth recomputed).")
+@click.option("--queries", type=int, metavar="N", help="Use the first N queries [default: all].")
+@click.option("--stages", type=int, default=16, metavar="N", show_default=True,
+              help="RVQ stages.")
+@click.option("--codebook-size", type=int, default=256, metavar="K", show_default=True,
+              help="Codewords per stage.")
+@click.option("--repeats", type=int, default=3, metavar="N", show_default=True,
+              help="Runs over the queries; QPS is their median.")
+@_quiet
+@_output
+def bench(dataset_dir, limit, queries, stages, codebook_size, repeats, quiet, as_json, as_csv):
+    """Measure recall and QPS on a dataset folder.
+
+    Prints 10-recall@10 and single-query QPS (one thread) at rerank 1, 4 and 10.
+    DATASET_DIR holds base.npy, queries.npy and gt_l2.npy (exact neighbour ids, one
+    row per query). The store is built in a temporary folder and removed after.
+    """
+    out = _format(as_json, as_csv)
+    data = benchmark.load_dataset(dataset_dir, limit=limit, queries=queries)
+    progress = _Progress.for_terminal(quiet)
+    result = benchmark.run(data, stages=stages, codebook_size=codebook_size,
+                           repeats=repeats, progress=progress)
+    progress.close()
+    if out == "json":
+        click.echo(json.dumps({"dataset": dataset_dir, **result}, indent=2))
+        return
+    rows = [{"rerank": r["rerank"], "10-recall@10": round(r["recall_10_at_10"], 3),
+             "QPS single": round(r["qps_single"])} for r in result["rows"]]
+    _emit(rows, ["rerank", "10-recall@10", "QPS single"], out,
+          formats={"10-recall@10": "{:.3f}", "QPS single": "{:,}"})
+    if out == "table":
+        r = result
+        click.echo(f"\n{r['vectors']:,} vectors of dim {r['dim']}, {r['queries']:,} queries, "
+                   f"{stages} stages x {codebook_size} codewords\n"
+                   f"add {r['add_s']:.2f} s, train {r['train_s']:.1f} s, "
+                   f"{r['file_bytes']:,} bytes on disk\n"
+                   f"search: one query per call, 1 thread, median of {repeats} runs")

@@ -1,0 +1,415 @@
+"""The command line through click's CliRunner, and the input readers under it."""
+
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import rvqstore
+from rvqstore.algo import exact_search
+from rvqstore.cli import _Progress, main
+from rvqstore.inputs import InputFileError, parse_vector, read_vectors
+
+from conftest import clustered
+
+SMALL = ["--stages", "4", "--codebook-size", "32"]
+
+
+def run(*args, input=None):
+    """Invoke the CLI; a success must exit 0 and print nothing on stderr."""
+    result = CliRunner().invoke(main, [str(a) for a in args], input=input,
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # not a terminal: no progress bar
+    return result.stdout
+
+
+def fails(*args, code=1, input=None):
+    """Invoke the CLI expecting a handled error: ``Error: ...`` on stderr, no traceback."""
+    result = CliRunner().invoke(main, [str(a) for a in args], input=input)
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not a crash
+    assert "Traceback" not in result.output
+    if code == 1:
+        assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def vectors():
+    return clustered(600, 16, centers=12, seed=7)
+
+
+@pytest.fixture
+def files(tmp_path, vectors):
+    """The same 600 x 16 vectors as .npy, .fvecs, JSON lines (with keys) and CSV."""
+    out = {"npy": tmp_path / "vecs.npy", "fvecs": tmp_path / "vecs.fvecs",
+           "jsonl": tmp_path / "docs.jsonl", "csv": tmp_path / "vecs.csv"}
+    np.save(out["npy"], vectors)
+    dims = np.full((len(vectors), 1), 16, np.int32)
+    out["fvecs"].write_bytes(np.hstack([dims.view(np.float32), vectors]).tobytes())
+    with open(out["jsonl"], "w") as f:
+        for i, v in enumerate(vectors):
+            f.write(json.dumps({"key": f"doc-{i}", "vector": v.tolist()}) + "\n")
+    np.savetxt(out["csv"], vectors, delimiter=",")
+    return out
+
+
+@pytest.fixture
+def db(tmp_path, files):
+    """A trained store of the 600 vectors with keys doc-0 ... doc-599."""
+    path = tmp_path / "vecs.db"
+    run("create", path, "--dim", "16", *SMALL)
+    run("add", path, files["jsonl"], "--train")
+    return path
+
+
+# -- help, version ----------------------------------------------------------------------------
+
+def test_every_command_has_help_text():
+    assert main.help
+    for name, command in main.commands.items():
+        assert command.help and command.get_short_help_str(), name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help or param.hidden, (name, param.name)
+
+
+@pytest.mark.parametrize("command", [None] + sorted(main.commands))
+def test_help_fits_80_columns(command):
+    args = ([command] if command else []) + ["--help"]
+    for columns in ("80", "200"):
+        result = CliRunner(env={"COLUMNS": columns}).invoke(main, args)
+        assert result.exit_code == 0
+        long = [line for line in result.stdout.splitlines() if len(line) > 80]
+        assert not long, long
+    short = CliRunner().invoke(main, (args[:-1]) + ["-h"])
+    assert short.exit_code == 0 and short.stdout == result.stdout
+
+
+def test_python_m_rvqstore_version():
+    out = subprocess.run([sys.executable, "-m", "rvqstore", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"rvqstore, version {rvqstore.__version__}"
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+def test_create_refuses_an_existing_file(db):
+    assert "already exists" in fails("create", db, "--dim", "16")
+
+
+def test_create_options_reach_the_store(tmp_path):
+    path = tmp_path / "c.db"
+    out = run("create", path, "--dim", "8", "--metric", "cosine", "--originals", "float16",
+              *SMALL)
+    assert "dim=8" in out and "cosine" in out
+    info = json.loads(run("info", path, "--json"))
+    assert (info["dim"], info["metric"], info["stages"], info["codebook_size"],
+            info["originals"], info["keep_originals"]) == (8, "cosine", 4, 32, "float16", True)
+    run("create", tmp_path / "d.db", "--no-originals", *SMALL)
+    assert json.loads(run("info", tmp_path / "d.db", "--json"))["keep_originals"] is False
+
+
+@pytest.mark.parametrize("fmt", ["npy", "fvecs", "jsonl", "csv"])
+def test_add_every_format(tmp_path, files, vectors, fmt):
+    path = tmp_path / "a.db"
+    out = run("add", path, files[fmt])
+    assert "Added 600 vectors" in out
+    info = json.loads(run("info", path, "--json"))
+    assert info["count"] == 600 and info["dim"] == 16 and not info["trained"]
+    got = json.loads(run("get", path, "--id", "0", "--id", "599", "--json"))
+    np.testing.assert_allclose([g["vector"] for g in got], vectors[[0, 599]], rtol=1e-6)
+
+
+def test_add_from_stdin_detects_jsonl_and_csv(tmp_path, files):
+    path = tmp_path / "s.db"
+    run("add", path, "-", input=files["jsonl"].read_text())
+    run("add", path, "-", "--format", "csv", input="1,2," + ",".join(["0"] * 14) + "\n")
+    run("add", path, "-", input="id,key," + ",".join(f"c{i}" for i in range(16)) + "\n"
+        + "9000,extra," + ",".join(["1"] * 16) + "\n")
+    assert json.loads(run("info", path, "--json"))["count"] == 602
+    got = json.loads(run("get", path, "--key", "extra", "--json"))
+    assert got[0]["id"] == 9000 and got[0]["vector"] == [1.0] * 16
+
+
+def test_add_skip_existing_keys(db, files):
+    assert "keys already in the store" in fails("add", db, files["jsonl"])
+    out = run("add", db, files["jsonl"], "--skip-existing-keys")
+    assert "Added 0 vectors" in out and "skipped 600 already stored" in out
+
+
+def test_add_train_then_search_by_vector(db, vectors):
+    info = json.loads(run("info", db, "--json"))
+    assert info["trained"] and info["codebook_version"] == 1 and info["count"] == 600
+    q = json.dumps(vectors[42].tolist())
+    out = run("search", db, "--vector", q, "-k", "5")
+    lines = out.splitlines()
+    assert lines[0].split() == ["rank", "id", "key", "distance"] and len(lines) == 7
+    assert lines[2].split()[:3] == ["1", "42", "doc-42"]
+    rows = json.loads(run("search", db, "--vector", q, "-k", "5", "--rerank", "1", "--json"))
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["query"] == 0 and r["key"] == f"doc-{r['id']}" for r in rows)
+
+
+def test_search_like_a_stored_item(db, vectors):
+    rows = json.loads(run("search", db, "--key", "doc-7", "-k", "4", "--json"))
+    assert rows[0]["id"] == 7 and rows[0]["distance"] == 0.0 and len(rows) == 4
+    truth = exact_search(vectors, vectors[7:8], k=5).ids[0]
+    same = json.loads(run("search", db, "--id", "7", "-k", "4", "--json"))
+    assert [r["id"] for r in same] == [r["id"] for r in rows]
+    others = json.loads(run("search", db, "--id", "7", "-k", "4", "--exclude-self", "--json"))
+    assert [r["id"] for r in others] == [r["id"] for r in rows[1:]] + [int(truth[4])]
+
+
+def test_search_a_query_file_csv_output(db, tmp_path, vectors):
+    qpath = tmp_path / "q.npy"
+    np.save(qpath, vectors[:3])
+    rows = list(csv.DictReader(io.StringIO(run("search", db, qpath, "-k", "2", "--csv"))))
+    assert len(rows) == 6
+    assert [(r["query"], r["rank"], r["id"]) for r in rows[::2]] == [
+        ("0", "1", "0"), ("1", "1", "1"), ("2", "1", "2")]
+    assert float(rows[1]["distance"]) >= float(rows[0]["distance"])
+    table = run("search", db, qpath, "-k", "2")
+    assert table.splitlines()[0].split() == ["query", "rank", "id", "key", "distance"]
+
+
+def test_get_table_json_csv(db, vectors):
+    table = run("get", db, "--key", "doc-1", "--key", "doc-2").splitlines()
+    assert table[0].split() == ["id", "key", "vector"] and len(table) == 4
+    assert "..." in table[2]
+    got = json.loads(run("get", db, "--key", "doc-2", "--json"))
+    assert got[0]["id"] == 2
+    np.testing.assert_array_equal(np.float32(got[0]["vector"]), vectors[2])
+    rows = list(csv.reader(io.StringIO(run("get", db, "--id", "3", "--csv"))))
+    assert rows[0] == ["id", "key"] + [f"v{i}" for i in range(16)]
+    np.testing.assert_array_equal(np.float32(rows[1][2:]), vectors[3])
+
+
+def test_delete_compact_retrain(db):
+    assert "Deleted 2 vectors" in run("delete", db, "--key", "doc-1", "--key", "doc-2")
+    assert "Deleted 1 vector " in run("delete", db, "--id", "3")
+    assert json.loads(run("info", db, "--json"))["deleted_pending_compact"] == 3
+    assert "Compacted" in run("compact", db, "--quiet")
+    assert "Retrained" in run("retrain", db)
+    info = json.loads(run("info", db, "--json"))
+    assert (info["count"], info["deleted_pending_compact"], info["codebook_version"]) == (597, 0, 2)
+    ids = [r["id"] for r in json.loads(run("search", db, "--id", "0", "-k", "50", "--json"))]
+    assert not {1, 2, 3} & set(ids)
+    assert "Trained" in run("train", db, "-q")
+
+
+def test_info_outputs_parse(db):
+    table = run("info", db)
+    assert table.splitlines()[0].split() == ["field", "value"] and "bytes.codes" in table
+    rows = {r["field"]: r["value"] for r in csv.DictReader(io.StringIO(run("info", db, "--csv")))}
+    assert rows["count"] == "600" and rows["trained"] == "True" and "bytes.file" in rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_reads_back(db, tmp_path, vectors, fmt):
+    out = tmp_path / f"out.{fmt}"
+    run("export", db, "-o", out)
+    copy = tmp_path / "copy.db"
+    run("add", copy, out)
+    got = json.loads(run("get", copy, "--key", "doc-5", "--key", "doc-599", "--json"))
+    assert [g["id"] for g in got] == [5, 599]
+    np.testing.assert_array_equal(np.float32([g["vector"] for g in got]), vectors[[5, 599]])
+
+
+def test_export_stdout_and_npy(db, tmp_path, vectors):
+    lines = run("export", db).splitlines()
+    assert len(lines) == 600
+    first = json.loads(lines[0])
+    assert first["id"] == 0 and first["key"] == "doc-0"
+    run("export", db, "-o", tmp_path / "all.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "all.npy"), vectors)
+    assert "needs -o" in fails("export", db, "--format", "npy", code=2)
+
+
+def test_no_originals_store_refuses_get_with_one_line(tmp_path, files):
+    path = tmp_path / "codes.db"
+    run("create", path, "--no-originals", *SMALL)
+    run("add", path, files["npy"], "--train")
+    assert len(json.loads(run("search", path, "--vector", json.dumps([0.0] * 16), "--json"))) == 10
+    assert "original" in fails("get", path, "--id", "1")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    base = clustered(600, 16, centers=12, seed=3)
+    queries = clustered(20, 16, centers=12, seed=4)
+    np.save(folder / "base.npy", base.astype(np.float16))
+    np.save(folder / "queries.npy", queries)
+    np.save(folder / "gt_l2.npy", exact_search(base.astype(np.float16).astype(np.float32),
+                                                queries, k=100).ids.astype(np.int32))
+    return folder
+
+
+def test_bench(dataset):
+    args = ["bench", dataset, *SMALL, "--repeats", "1"]
+    result = json.loads(run(*args, "--json"))
+    assert [r["rerank"] for r in result["rows"]] == [1, 4, 10]
+    assert result["vectors"] == 600 and result["queries"] == 20
+    recalls = [r["recall_10_at_10"] for r in result["rows"]]
+    assert recalls[2] >= 0.9 and recalls[2] >= recalls[0]
+    assert all(r["qps_single"] > 0 for r in result["rows"])
+    table = run(*args, "--limit", "300", "--queries", "5")
+    assert table.splitlines()[0].split() == ["rerank", "10-recall@10", "QPS", "single"]
+    assert "300 vectors" in table and "5 queries" in table
+    rows = list(csv.DictReader(io.StringIO(run(*args, "--csv"))))
+    assert [r["rerank"] for r in rows] == ["1", "4", "10"]
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+def test_wrong_dimension_file(db, tmp_path):
+    np.save(tmp_path / "wide.npy", np.ones((3, 8), np.float32))
+    msg = fails("add", db, tmp_path / "wide.npy")
+    assert "dim=8" in msg and "dim=16" in msg
+    assert "dim=2" in fails("search", db, "--vector", "[1, 2]")
+
+
+def test_malformed_json_lines_name_file_and_line(db, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"vector": [1, 2]}\n\n{"vector": [1, 2\n')
+    assert fails("add", db, bad) == (
+        f"Error: {bad} line 3: not valid JSON (Expecting ',' delimiter at column 17)\n")
+    bad.write_text('{"vector": [1, 2]}\n{"vector": [1, 2, 3]}\n')
+    assert "line 2: vector has 3 components, line 1 has 2" in fails("add", db, bad)
+    bad.write_text('{"key": "a", "vector": [1, 2]}\n{"vector": [3, 4]}\n')
+    assert "line 2" in fails("add", db, bad)
+    bad.write_text('{"vector": ["1", 2]}\n')
+    assert "line 1" in fails("add", db, bad)
+    bad.write_text('{"embedding": [1, 2]}\n')
+    assert 'no "vector"' in fails("add", db, bad)
+    assert "<stdin> line 2" in fails("add", db, "-", input='[1, 2]\n[1, NaN]\n')
+
+
+def test_unknown_ids_and_keys(db):
+    assert "unknown ids: [999]" in fails("get", db, "--id", "999")
+    assert "unknown keys: ['nope']" in fails("delete", db, "--key", "nope")
+    assert "unknown" in fails("search", db, "--id", "999")
+    assert "unknown" in fails("delete", db, "--id", "1", "--id", "999")
+    assert json.loads(run("info", db, "--json"))["count"] == 600  # all or none
+
+
+def test_not_a_store(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("hello, this is not a database\n" * 10)
+    assert "not an rvqstore file" in fails("info", text)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    assert "rvqstore" in fails("search", other, "--vector", "[1]")
+    assert "rvqstore" in fails("add", other, "-", input="[1, 2]\n")
+
+
+def test_missing_files(db, tmp_path):
+    missing = tmp_path / "missing.db"
+    for args in (["info", missing], ["search", missing, "--id", "1"], ["train", missing],
+                 ["delete", missing, "--id", "1"], ["compact", missing], ["export", missing]):
+        assert "does not exist" in fails(*args)
+    assert not missing.exists()
+    assert "cannot read" in fails("add", db, tmp_path / "nothing.npy")
+    assert "no base.npy" in fails("bench", tmp_path)
+    assert "Error: " in fails("export", db, "-o", tmp_path / "no" / "such" / "dir.jsonl")
+
+
+def test_bad_input_files(db, tmp_path):
+    (tmp_path / "t.fvecs").write_bytes(np.int32([16]).tobytes() + b"\0" * 10)
+    assert "truncated" in fails("add", db, tmp_path / "t.fvecs")
+    (tmp_path / "x.npy").write_text("not npy")
+    assert "not a valid .npy" in fails("add", db, tmp_path / "x.npy")
+    (tmp_path / "b.csv").write_text("1,2\n3,x\n")
+    assert "b.csv line 2: column 2 is not a number: 'x'" in fails("add", db, tmp_path / "b.csv")
+    (tmp_path / "v.txt").write_text("1,2\n")
+    assert "extension" in fails("add", db, tmp_path / "v.txt")
+    assert "empty" in fails("add", db, "-", input="")
+
+
+def test_training_too_few_vectors(tmp_path):
+    path = tmp_path / "few.db"
+    run("add", path, "-", input="[1, 2]\n[3, 4]\n")
+    assert "at least codebook_size" in fails("train", path)
+
+
+@pytest.mark.parametrize("args", [
+    ["search", "DB"],                                   # no query
+    ["search", "DB", "--id", "1", "--key", "doc-1"],   # two queries
+    ["search", "DB", "--vector", "[1, 2"],             # not JSON
+    ["search", "DB", "--vector", '["a"]'],             # not numbers
+    ["search", "DB", "--vector", "[0.5]", "--exclude-self"],
+    ["search", "DB", "--id", "x"],
+    ["info", "DB", "--json", "--csv"],
+    ["get", "DB"],
+    ["get", "DB", "--id", "1", "--key", "doc-1"],
+    ["delete", "DB"],
+    ["create", "NEW", "--metric", "manhattan"],
+    ["add", "DB"],
+    ["frobnicate"],
+    ["info", "DB", "--nope"],
+])
+def test_usage_errors_exit_2(db, tmp_path, args):
+    args = [str(db) if a == "DB" else str(tmp_path / "new.db") if a == "NEW" else a for a in args]
+    assert fails(*args, code=2).startswith("Usage: ")
+
+
+def test_refused_create_or_add_leaves_no_new_file(tmp_path):
+    path = tmp_path / "s.db"
+    assert "stages must be in [1, 64], got 0" in fails("create", path, "--stages", "0")
+    assert not path.exists()
+    assert "duplicates" in fails("add", path, "-", input='{"key": "a", "vector": [1]}\n' * 2)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    run("create", path, "--stages", "8")
+
+
+# -- the pieces under the commands -----------------------------------------------------------
+
+def test_progress_draws_rate_and_eta_only_when_enabled(capsys):
+    bar = _Progress(True)
+    for done in (0, 50, 100):
+        bar("encode", done, 100)
+    bar("compact", 0, 2)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "encode" in err and "100/100" in err and "ETA" in err and "/s" in err
+    assert err.endswith("\n") and "compact" in err
+    quiet = _Progress(False)
+    quiet("encode", 1, 2)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_read_vectors_ids_keys_and_csv_header(tmp_path):
+    p = tmp_path / "v.jsonl"
+    p.write_text('{"id": 5, "key": "a", "vector": [1, 2]}\n'
+                 '{"id": 9, "key": "b", "vector": [3, 4.5]}\n')
+    loaded = read_vectors(p)
+    assert loaded.ids.tolist() == [5, 9] and loaded.keys == ["a", "b"]
+    assert loaded.vectors.dtype == np.float32 and loaded.vectors.tolist() == [[1, 2], [3, 4.5]]
+    p = tmp_path / "v.csv"
+    p.write_text("key,x,y\r\nk1,1,2\r\nk2,3,4\r\n")
+    loaded = read_vectors(p)
+    assert loaded.ids is None and loaded.keys == ["k1", "k2"] and loaded.vectors.shape == (2, 2)
+    with pytest.raises(InputFileError, match="v.csv line 3: 2 columns, expected 3"):
+        p.write_text("id,x,y\n1,1,2\n2,3\n")
+        read_vectors(p)
+    assert isinstance(InputFileError("x"), rvqstore.InvalidInputError)
+
+
+def test_parse_vector():
+    assert parse_vector("[0.5, -1, 2e-1]").tolist() == pytest.approx([0.5, -1, 0.2])
+    for bad in ("[]", "[[1, 2]]", '{"a": 1}', "[true, 1]", "[1, NaN]", "1,2"):
+        with pytest.raises(rvqstore.InvalidInputError):
+            parse_vector(bad)
