@@ -27,3 +27,15 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "vecs.db").exists()
+
+
+def test_cli_walkthrough_runs():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    out = subprocess.run(["bash", str(ROOT / "examples" / "cli_walkthrough.sh"), "1500"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "doc-7" in out.stdout and "exported 1499 vectors" in out.stdout
