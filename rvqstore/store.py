@@ -64,7 +64,7 @@ class Store:
     @classmethod
     def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
              keep_originals=None, originals=None, readonly=False, create=True, block_size=None,
-             train_beam=None, add_beam=None, train_sample=None, seed=None):
+             train_beam=None, add_beam=None, train_sample=None, seed=None, mmap_originals=False):
         """Open the store at ``path``, creating it when missing (unless ``readonly``).
 
         Parameters
@@ -78,6 +78,8 @@ class Store:
         originals : "float32", "float16" or "zstd", how originals are stored
         readonly : bool, open without write access
         create : bool, create the store when ``path`` is missing (else ``BadFileError``)
+        mmap_originals : bool, read rerank candidates through memory-mapped I/O: ~0.2 ms
+            faster per query, but touched pages count as resident memory (default False)
         block_size : int, vectors per code block (default 16384)
         train_beam, add_beam : int, beam width when (re)training encodes everything and
             when add() encodes new vectors (default 1, greedy: see the README's measurements)
@@ -96,7 +98,7 @@ class Store:
             if not create and not readonly:
                 raise BadFileError(f"{os.fspath(path)} does not exist")
             cls._validate_config(fresh)  # before a file is made: a refused open leaves none
-        db = Database(path, readonly=readonly)
+        db = Database(path, readonly=readonly, mmap_originals=mmap_originals)
         try:
             stored = db.meta()
             if not stored and not readonly:

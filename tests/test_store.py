@@ -396,3 +396,10 @@ def test_some_rows_without_keys(store_path, vecs):
         assert s.keys(ids) == ["a", None, "c"]
         s.add(vecs[3:5], keys=[None, None])
         assert len(s) == 5
+
+
+def test_mmap_originals_gives_the_same_results(trained, store_path, vecs):
+    with Store.open(store_path, readonly=True, mmap_originals=True) as mapped:
+        a = mapped.search(vecs[:5], k=5)
+    b = trained.search(vecs[:5], k=5)
+    np.testing.assert_array_equal(a.ids, b.ids)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import time
 
 import sqlite_utils
 
@@ -47,6 +48,19 @@ def _check_header(path):
         raise BadFileError(f"{path} is truncated: {size} bytes, its header says {page * pages}")
 
 
+def _retry_locked(fn, seconds=10.0):
+    """Run ``fn``, retrying while another process holds the lock: switching the journal
+    mode does not wait on SQLite's busy handler, as other statements do."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Database:
     """An open store file.
 
@@ -56,9 +70,10 @@ class Database:
     readonly : bool, open without write access (many readers may do so at once)
     """
 
-    def __init__(self, path, *, readonly=False):
+    def __init__(self, path, *, readonly=False, mmap_originals=False):
         self.path = os.fspath(path)
         self.readonly = readonly
+        self.mmap_originals = mmap_originals
         self._orig = None
         exists = os.path.exists(self.path)
         if not readonly and exists and not os.stat(self.path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
@@ -83,7 +98,7 @@ class Database:
             conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             self._check_identity()
             if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
+                _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
                 conn.execute("PRAGMA synchronous = NORMAL")  # WAL: safe against a killed process
                 migrations.apply_pending(conn, self.path)
                 if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
@@ -94,9 +109,14 @@ class Database:
             raise _classify(exc, self.path) from exc
 
     def _check_identity(self):
-        app = self.conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = set(self.db.table_names())
-        version = migrations.applied_version(self.conn)
+        # one snapshot: another process may be creating the schema right now
+        self.conn.execute("BEGIN")
+        try:
+            app = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = set(self.db.table_names())
+            version = migrations.applied_version(self.conn)
+        finally:
+            self.conn.execute("COMMIT")
         if app not in (0, APPLICATION_ID) or (tables and "rvq_migrations" not in tables):
             raise BadFileError(f"{self.path} is an SQLite file but not an rvqstore store")
         migrations.check_not_newer(version, self.path)
@@ -201,16 +221,17 @@ class Database:
         return dict(self._in_chunks("SELECT id, vector FROM rvq_vectors WHERE id IN ({})", ids))
 
     def _originals_conn(self):
-        """A second, read-only connection without memory mapping, for rerank reads.
+        """A second, read-only connection for rerank reads, by default without mmap.
 
         Mapped reads of scattered originals count every touched page (and its neighbours)
-        as resident memory of the process; read through SQLite's bounded page cache they
-        cost ~0.05 ms more per query and memory stays flat.
+        as resident memory of the process; read through SQLite's bounded page cache memory
+        stays flat, at ~0.2 ms more per query of 100 candidates (``mmap_originals=True``
+        chooses speed).
         """
         if self._orig is None:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA mmap_size = 0")
+            conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES if self.mmap_originals else 0}")
             conn.execute("PRAGMA cache_size = -8192")
             conn.execute("PRAGMA busy_timeout = 10000")
             self._orig = conn
