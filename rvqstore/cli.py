@@ -92,8 +92,8 @@ def _format(as_json, as_csv):
 
 @contextlib.contextmanager
 def _removed_on_error(db):
-    """A store file that this command creates is removed again if the command fails
-    (``Store.open`` leaves a new file behind when it refuses a configuration)."""
+    """A store file that this command creates is removed again if the command fails, so
+    that a refused ``add`` of a bad input file to a new path leaves nothing behind."""
     new = not os.path.exists(db)
     try:
         yield
@@ -107,9 +107,7 @@ def _removed_on_error(db):
 
 def _open(db, *, readonly=False, create=False, **config):
     """Open a store; only ``create`` (and ``add``) make a new file."""
-    if not create and not readonly and not os.path.exists(db):
-        raise BadFileError(f"{db} does not exist")
-    return Store.open(db, readonly=readonly, **config)
+    return Store.open(db, readonly=readonly, create=create, **config)
 
 
 class _Progress:
