@@ -6,7 +6,9 @@ documented dtypes; the callers in this package prepare them.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 
 @njit(cache=True, nogil=True)
@@ -206,20 +208,24 @@ def matvec(a, v):
     return out
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with the same bits (no conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def matvec_bf16(a, v):
     """``a @ v`` where ``a`` (m, d) uint16 holds the upper halves of float32 values
     (bfloat16): half the bytes of :func:`matvec`, which is memory-bound."""
     m, d = a.shape
     out = np.empty(m, dtype=np.float32)
-    buf = np.empty(d, dtype=np.uint32)
-    f = buf.view(np.float32)
     for j in range(m):
-        for t in range(d):
-            buf[t] = np.uint32(a[j, t]) << np.uint32(16)
         acc = np.float32(0.0)
         for t in range(d):
-            acc += f[t] * v[t]
+            acc += _f32_from_bits(np.uint32(a[j, t]) << np.uint32(16)) * v[t]
         out[j] = acc
     return out
 
