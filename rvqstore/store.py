@@ -17,6 +17,7 @@ from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, 
                      UnknownIdError)
 from .storage import (ORIGINAL_FORMATS, Database, pack_block, pack_codebooks, pack_originals,
                       unpack_block, unpack_codebooks, unpack_originals)
+from .storage import codes as codeblocks
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
@@ -206,24 +207,20 @@ class Store:
             epoch = self._meta_int(meta, "blocks_epoch")
             state = {"version": version, "epoch": epoch, "count": db.count()}
             if version:
+                stages = self.config["stages"]
                 if old is not None and old["version"] == version and old["epoch"] == epoch:
                     state["rq"] = old["rq"]
                     first = max(old["nblocks"] - 1, 0)
-                    kept = (old["ids"], old["codes"], old["norms"])
-                    kept = [a[: first * self.config["block_size"]] for a in kept]
+                    kept = [a[: first * self.config["block_size"]]
+                            for a in (old["ids"], old["codes"], old["norms"])]
                 else:
                     row = db.codebooks_row(version)
                     state["rq"] = ResidualQuantizer(unpack_codebooks(
                         row["data"], row["stages"], row["codebook_size"], row["dim"]))
-                    first = 0
-                    kept = [np.empty(0, np.int64), np.empty((0, self.config["stages"]), np.uint8),
-                            np.empty(0, np.float32)]
-                rows = db.read_blocks(version, first)
-                parts = [unpack_block(cnt, self.config["stages"], i, cd, nm)
-                         for _, cnt, i, cd, nm in rows]
-                ids, codes, norms = (np.concatenate([k, *p]) for k, p in
-                                     zip(kept, zip(*parts) if parts else ([], [], [])))
-                state["nblocks"] = first + len(rows)
+                    first, kept = 0, codeblocks.empty(stages)
+                *tail, nread = codeblocks.read_codes(db, version, stages, first)
+                ids, codes, norms = (np.concatenate([k, t]) for k, t in zip(kept, tail))
+                state["nblocks"] = first + nread
                 bias = norms.copy() if self.metric == "l2" else np.zeros(len(ids), np.float32)
                 dead = db.tombstones()
                 if dead:
@@ -395,9 +392,7 @@ class Store:
         reused = [i for i in ids.tolist() if i in dead]
         if reused:
             # a deleted id comes back: its old codes must go before the new ones are written
-            old = [unpack_block(cnt, row["stages"], i, cd, nm)
-                   for _, cnt, i, cd, nm in db.read_blocks(version)]
-            old_ids, old_codes, old_norms = (np.concatenate(p) for p in zip(*old))
+            old_ids, old_codes, old_norms, _ = codeblocks.read_codes(db, version, row["stages"])
             keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
             db.clear_tombstones(reused)
             self._write_blocks(db, version, np.concatenate([old_ids[keep], ids]),
@@ -405,12 +400,11 @@ class Store:
                                np.concatenate([old_norms[keep], norms]))
             return None
         appended = (codes, norms)
-        last = db.last_block(version)
+        last = codeblocks.read_last_block(db, version, row["stages"])
         start_block = 0 if last is None else last[0] + 1
-        if last is not None and last[1] < self.config["block_size"]:
+        if last is not None and len(last[1]) < self.config["block_size"]:
             # top up the last, partly filled block
-            start_block = last[0]
-            lids, lcodes, lnorms = unpack_block(last[1], row["stages"], *last[2:])
+            start_block, lids, lcodes, lnorms = last
             ids = np.concatenate([lids, ids])
             codes = np.concatenate([lcodes, codes])
             norms = np.concatenate([lnorms, norms])
@@ -425,14 +419,8 @@ class Store:
                                                   row["dim"]))
 
     def _write_blocks(self, db, version, ids, codes, norms, first_block=0):
-        bs = self.config["block_size"]
-        if first_block == 0:
-            db.delete_blocks(version)
-            # readers must reload every block, not just the tail
-            db.set_meta(blocks_epoch=self._meta_int(db.meta(), "blocks_epoch") + 1)
-        for b, start in enumerate(range(0, len(ids), bs), start=first_block):
-            sl = slice(start, start + bs)
-            db.write_block(version, b, len(ids[sl]), *pack_block(ids[sl], codes[sl], norms[sl]))
+        codeblocks.write_codes(db, version, ids, codes, norms, self.config["block_size"],
+                               first_block)
 
     def delete(self, ids=None, *, keys=None):
         """Delete vectors by id or by key at once (one transaction); returns how many.
@@ -699,11 +687,8 @@ class Store:
             version = self._meta_int(db.meta(), "active_version")
             dead = db.tombstones()
             if version and dead:
-                row = db.codebooks_row(version)
-                parts = [unpack_block(cnt, row["stages"], i, cd, nm)
-                         for _, cnt, i, cd, nm in db.read_blocks(version)]
                 _report(progress, "compact", 0, 2)
-                ids, codes, norms = (np.concatenate(p) for p in zip(*parts))
+                ids, codes, norms, _ = codeblocks.read_codes(db, version, self.config["stages"])
                 keep = ~np.isin(ids, np.asarray(dead, np.int64))
                 self._write_blocks(db, version, ids[keep], codes[keep], norms[keep])
                 db.clear_tombstones()
