@@ -38,7 +38,8 @@ def as_matrix(x, *, name="vectors", dim=None, allow_1d=False):
         raise InvalidInputError(f"{name} are empty: shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise DimensionMismatchError(f"{name} have dim={arr.shape[1]}, expected dim={dim}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
         raise InvalidInputError(f"{name} contain NaN or inf (first at row {bad})")
