@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from .errors import (ConfigMismatchError, DimensionMismatchError, InvalidInputError)
+from .errors import ConfigMismatchError, DimensionMismatchError, InvalidInputError
 from .store import Store
 
 MODEL_META = "cache.model"

@@ -17,11 +17,9 @@ import click
 import numpy as np
 
 from . import __version__, benchmark
-from .algo.validate import METRICS
 from .errors import BadFileError, InvalidInputError, RvqstoreError
 from .inputs import FORMATS, parse_vector, read_vectors
-from .storage import ORIGINAL_FORMATS
-from .store import Store
+from .store import METRICS, ORIGINAL_FORMATS, Store
 
 
 class _Group(click.Group):

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import algo
 from .algo import ResidualQuantizer, SearchResult
-from .algo.validate import as_matrix, check_k, check_metric
+from .algo.validate import METRICS, as_matrix, check_k, check_metric
 from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError, EmptyStoreError,
                      InvalidInputError,
                      NotTrainedError, OriginalsMissingError, RvqstoreError, StoreClosedError,
@@ -18,6 +18,8 @@ from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, 
 from .storage import (ORIGINAL_FORMATS, Database, pack_block, pack_codebooks, pack_originals,
                       unpack_block, unpack_codebooks, unpack_originals)
 from .storage import codes as codeblocks
+
+__all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
