@@ -386,12 +386,12 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_jso
         else:
             self_id = int(store.ids_for_keys([key])[0]) if key is not None else id_
             queries = store.get([self_id])
-        extra = 1 if exclude_self else 0
-        res = store.search(queries, k=k + extra, rerank=rerank, with_keys=True)
+        res = store.search(queries, k=k, rerank=rerank, with_keys=True,
+                           exclude=[self_id] if exclude_self else None)
     rows = []
     for q in range(len(queries)):
         hits = [(int(i), kk, d) for i, kk, d in zip(res.ids[q], res.keys[q], res.distances[q])
-                if i >= 0 and not (exclude_self and i == self_id)][:k]
+                if i >= 0]
         rows += [{"query": q, "rank": r, "id": i, "key": kk, "distance": _f32(d)}
                  for r, (i, kk, d) in enumerate(hits, 1)]
     columns = ["query", "rank", "id", "key", "distance"]

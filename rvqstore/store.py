@@ -48,6 +48,17 @@ def _report(progress, phase, done, total):
         progress(phase, done, total)
 
 
+def _without(res, exclude, k):
+    """The first k results of each row whose id is not in ``exclude``, padded again."""
+    ids = np.full((len(res.ids), k), -1, np.int64)
+    dist = np.full((len(res.ids), k), np.inf, np.float32)
+    for r in range(len(res.ids)):
+        keep = (res.ids[r] >= 0) & ~np.isin(res.ids[r], exclude)
+        row_ids, row_d = res.ids[r][keep][:k], res.distances[r][keep][:k]
+        ids[r, :len(row_ids)], dist[r, :len(row_d)] = row_ids, row_d
+    return SearchResult(ids, dist)
+
+
 class Store:
     """A persistent vector store in one SQLite file.
 
@@ -613,7 +624,7 @@ class Store:
         found = self._live().keys_for_ids(self._id_array(ids).tolist())
         return [found.get(i) for i in self._id_array(ids).tolist()]
 
-    def search(self, queries, *, k=10, rerank=None, with_keys=False):
+    def search(self, queries, *, k=10, rerank=None, with_keys=False, exclude=None):
         """The k nearest stored vectors of each query.
 
         Parameters
@@ -624,6 +635,8 @@ class Store:
             exactly against the originals; 1 ranks by codes alone. Default 10 when the store
             keeps originals, else 1. Ignored before training (search is exact then).
         with_keys : bool, also return the keys of the results
+        exclude : sequence of ids or None, left out of every result (e.g. the item a query
+            was taken from)
 
         Returns
         -------
@@ -634,6 +647,8 @@ class Store:
         single = np.ndim(queries) == 1
         q = self._vectors(queries, name="queries", allow_1d=True)
         k = check_k(k)
+        ex = None if exclude is None else np.unique(self._id_array(exclude, "exclude"))
+        want = k if ex is None else k + len(ex)
         if rerank is None:
             rerank = DEFAULT_RERANK if self.config["keep_originals"] else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
@@ -644,18 +659,20 @@ class Store:
         if state["count"] == 0:
             raise EmptyStoreError(f"{db.path} holds no vectors")
         if not state["version"]:
-            res = algo.exact_search(state["vectors"], q, k=k, metric=self.metric,
+            res = algo.exact_search(state["vectors"], q, k=want, metric=self.metric,
                                     vector_norms=state["vector_norms"])
             ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
             res = SearchResult(ids, res.distances)
         else:
-            res = algo.adc_search(state["rq"], state["codes"], q, k=k * rerank,
+            res = algo.adc_search(state["rq"], state["codes"], q, k=want * rerank,
                                   metric=self.metric, bias=state["bias"])
             ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
             if rerank > 1:
-                res = algo.rerank(q, ids, self._fetch, k=k, metric=self.metric)
+                res = algo.rerank(q, ids, self._fetch, k=want, metric=self.metric)
             else:
                 res = SearchResult(ids, res.distances)
+        if ex is not None:
+            res = _without(res, ex, k)
         keys = None
         if with_keys:
             found = db.keys_for_ids(np.unique(res.ids[res.ids >= 0]).tolist())

@@ -403,3 +403,12 @@ def test_mmap_originals_gives_the_same_results(trained, store_path, vecs):
         a = mapped.search(vecs[:5], k=5)
     b = trained.search(vecs[:5], k=5)
     np.testing.assert_array_equal(a.ids, b.ids)
+
+
+def test_search_can_exclude_ids(trained, vecs):
+    plain = trained.search(vecs[:2], k=5)
+    res = trained.search(vecs[:2], k=5, exclude=[0, 1])
+    assert not np.isin([0, 1], res.ids).any() and res.ids.shape == (2, 5)
+    np.testing.assert_array_equal(res.ids[0][:4], [i for i in plain.ids[0] if i not in (0, 1)][:4])
+    one = trained.search(vecs[3], k=3, exclude=3, with_keys=True)
+    assert 3 not in one.ids and len(one.keys) == 3
