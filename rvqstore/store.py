@@ -15,7 +15,7 @@ from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, 
                      InvalidInputError,
                      NotTrainedError, OriginalsMissingError, RvqstoreError, StoreClosedError,
                      UnknownIdError)
-from .storage import (ORIGINAL_FORMATS, Database, pack_block, pack_codebooks, pack_originals,
+from .storage import (ORIGINAL_FORMATS, Database, pack_codebooks, pack_originals,
                       unpack_block, unpack_codebooks, unpack_originals)
 from .storage import codes as codeblocks
 
@@ -525,7 +525,8 @@ class Store:
             cd = rq.encode(self._unpack(blobs), beam_width=c["train_beam"])
             last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
             with db.write():
-                db.write_block(version, block, len(ids), *pack_block(*last))
+                # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
+                codeblocks.write_codes(db, version, *last, c["block_size"], first_block=block)
             block += 1
             done += len(ids)
         with db.write():

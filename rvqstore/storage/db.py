@@ -257,9 +257,9 @@ class Database:
                 f"DELETE FROM rvq_vectors WHERE id IN ({','.join('?' * len(part))})", part).rowcount
         return n
 
-    def iter_vectors(self, batch=8192, *, after=None):
+    def iter_vectors(self, batch=8192):
         """Yield (ids, blobs) of the stored vectors in id order, ``batch`` at a time."""
-        last = -(1 << 63) if after is None else after
+        last = -(1 << 63)
         while True:
             rows = self.query("SELECT id, vector FROM rvq_vectors WHERE id > ? ORDER BY id LIMIT ?",
                               (last, batch)).fetchall()
@@ -273,9 +273,6 @@ class Database:
 
     def clear_originals(self):
         self.conn.execute("UPDATE rvq_vectors SET vector = NULL")
-
-    def max_id(self):
-        return self.query("SELECT MAX(id) FROM rvq_vectors").fetchone()[0]
 
     # -- tombstones -------------------------------------------------------------------------
 
