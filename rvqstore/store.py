@@ -1,51 +1,26 @@
 """The Store: one SQLite file of codebooks, code blocks and originals, searched by ADC + rerank.
 
-This facade is the only module that joins the codec (:mod:`rvqstore.algo`) and the file
-(:mod:`rvqstore.storage`).
+This facade and its private helpers are the only modules that join the codec
+(:mod:`rvqstore.algo`) and the file (:mod:`rvqstore.storage`): ``_config`` (settings,
+opening, input checks), ``_snapshot`` (the in-memory arrays searches scan), ``_writes``
+(adds and compaction) and ``_training`` (codebook versions and the consistency check).
 """
-
-import os
 
 import numpy as np
 
+from . import _config, _snapshot, _training, _writes
 from . import algo
-from .algo import ResidualQuantizer, SearchResult
-from .algo.validate import METRICS, as_matrix, check_k, check_metric
-from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError, EmptyStoreError,
-                     InvalidInputError,
-                     NotTrainedError, OriginalsMissingError, RvqstoreError, StoreClosedError,
-                     UnknownIdError)
-from .storage import (ORIGINAL_FORMATS, Database, pack_codebooks, pack_originals,
-                      unpack_block, unpack_codebooks, unpack_originals)
-from .storage import codes as codeblocks
+from ._config import meta_int
+from .algo import SearchResult
+from .algo.validate import METRICS, check_k
+from .errors import (DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
+                     StoreClosedError)
+from .storage import ORIGINAL_FORMATS
 
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
-
-_CONFIG = {  # name: (type, default)
-    "dim": (int, None),
-    "metric": (str, "l2"),
-    "stages": (int, 16),
-    "codebook_size": (int, 256),
-    "keep_originals": (bool, True),
-    "originals": (str, "float32"),
-    "block_size": (int, 16384),
-    "train_beam": (int, 1),
-    "add_beam": (int, 1),
-    "train_sample": (int, 65536),
-    "seed": (int, 0),
-}
-
-
-def _parse(kind, text):
-    return (text == "1") if kind is bool else kind(text)
-
-
-def _report(progress, phase, done, total):
-    if progress is not None:
-        progress(phase, done, total)
 
 
 def _without(res, exclude, k):
@@ -107,66 +82,16 @@ class Store:
                      keep_originals=keep_originals, originals=originals, block_size=block_size,
                      train_beam=train_beam, add_beam=add_beam, train_sample=train_sample,
                      seed=seed)
-        fresh = {k: (given[k] if given[k] is not None else d) for k, (t, d) in _CONFIG.items()}
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            if not create and not readonly:
-                raise BadFileError(f"{os.fspath(path)} does not exist")
-            cls._validate_config(fresh)  # before a file is made: a refused open leaves none
-        db = Database(path, readonly=readonly, mmap_originals=mmap_originals)
+        db, config = _config.open_database(path, given, readonly=readonly, create=create,
+                                           mmap_originals=mmap_originals)
         try:
-            stored = db.meta()
-            if not stored and not readonly:
-                # create under the write lock: another process may be creating it right now
-                cls._validate_config(fresh)
-                with db.write():
-                    stored = db.meta()
-                    if not stored:
-                        db.set_meta(format=1, active_version=0, next_id=0,
-                                    **{k: (int(v) if isinstance(v, bool) else v)
-                                       for k, v in fresh.items() if v is not None})
-                        stored = db.meta()
-            if stored:
-                config = {k: _parse(t, stored[k]) if k in stored else d
-                          for k, (t, d) in _CONFIG.items()}
-                if "dim" in stored:
-                    config["dim"] = int(stored["dim"])
-                for name, value in given.items():
-                    if value is not None and config[name] is not None and value != config[name]:
-                        raise ConfigMismatchError(
-                            f"{name}={value!r} was asked for, but {db.path} has {name}={config[name]!r}")
-                if config["dim"] is None and dim is not None and not readonly:
-                    with db.write():
-                        now = db.meta().get("dim")
-                        if now is not None and int(now) != dim:
-                            raise ConfigMismatchError(
-                                f"dim={dim} was asked for, but {db.path} has dim={now}")
-                        db.set_meta(dim=dim)
-                    config["dim"] = dim
-            else:
-                raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
             store = cls(db, config)
             if not readonly:
-                store._drop_stale_builds()
+                _training.drop_stale_builds(db)
             return store
         except BaseException:
             db.close()
             raise
-
-    @staticmethod
-    def _validate_config(c):
-        check_metric(c["metric"])
-        if c["dim"] is not None and (not isinstance(c["dim"], int) or c["dim"] < 1):
-            raise InvalidInputError(f"dim must be a positive integer, got {c['dim']!r}")
-        if not 1 <= c["stages"] <= 64:
-            raise InvalidInputError(f"stages must be in [1, 64], got {c['stages']}")
-        if not 2 <= c["codebook_size"] <= 256:
-            raise InvalidInputError(f"codebook_size must be in [2, 256], got {c['codebook_size']}")
-        if c["originals"] not in ORIGINAL_FORMATS:
-            raise InvalidInputError(
-                f"originals must be one of {', '.join(ORIGINAL_FORMATS)}, got {c['originals']!r}")
-        for name in ("block_size", "train_beam", "add_beam", "train_sample"):
-            if c[name] < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {c[name]}")
 
     def close(self):
         """Close the file; safe to call twice."""
@@ -200,98 +125,37 @@ class Store:
 
     # -- in-memory state --------------------------------------------------------------------
 
-    def _meta_int(self, meta, name):
-        return int(meta.get(name, 0))
-
     def _current(self):
         """The in-memory arrays, refreshed when another connection has committed.
 
         Appends by others only touch the last code block and new ones, so a refresh reads
         just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``).
+        The keys of the dict are listed in :mod:`rvqstore._snapshot`.
         """
         db = self._live()
         dv = db.data_version()
         if self._state is not None and dv == self._seen_version:
             return self._state
-        old = self._state
         with db.read():
-            meta = db.meta()
-            version = self._meta_int(meta, "active_version")
-            epoch = self._meta_int(meta, "blocks_epoch")
-            state = {"version": version, "epoch": epoch, "count": db.count()}
-            if version:
-                stages = self.config["stages"]
-                if old is not None and old["version"] == version and old["epoch"] == epoch:
-                    state["rq"] = old["rq"]
-                    first = max(old["nblocks"] - 1, 0)
-                    kept = [a[: first * self.config["block_size"]]
-                            for a in (old["ids"], old["codes"], old["norms"])]
-                else:
-                    row = db.codebooks_row(version)
-                    state["rq"] = ResidualQuantizer(unpack_codebooks(
-                        row["data"], row["stages"], row["codebook_size"], row["dim"]))
-                    first, kept = 0, codeblocks.empty(stages)
-                *tail, nread = codeblocks.read_codes(db, version, stages, first)
-                ids, codes, norms = (np.concatenate([k, t]) for k, t in zip(kept, tail))
-                state["nblocks"] = first + nread
-                bias = norms.copy() if self.metric == "l2" else np.zeros(len(ids), np.float32)
-                dead = db.tombstones()
-                if dead:
-                    bias[np.isin(ids, np.asarray(dead, np.int64))] = np.inf
-                state.update(ids=ids, codes=np.ascontiguousarray(codes), norms=norms, bias=bias)
-            else:
-                ids, vecs = self._load_all_originals(db)
-                state.update(ids=ids, vectors=vecs, vector_norms=np.einsum("ij,ij->i", vecs, vecs))
+            state = _snapshot.load(db, self.config, self._state)
         self._state = state
         self._seen_version = db.data_version()
         return state
 
-    def _load_all_originals(self, db):
-        ids, blobs = [], []
-        for bid, bblobs in db.iter_vectors():
-            ids += bid
-            blobs += bblobs
-        if not ids:
-            return np.empty(0, np.int64), np.empty((0, self.dim or 0), np.float32)
-        return np.asarray(ids, np.int64), self._unpack(blobs)
-
-    def _unpack(self, blobs):
-        if any(b is None for b in blobs):
-            raise OriginalsMissingError("this store does not keep original vectors")
-        return unpack_originals(blobs, self.config["originals"], self.dim)
-
     def _invalidate(self):
         self._state = None
+
+    def _unpack(self, blobs):
+        return _config.unpack(blobs, self.config)
 
     # -- input checks -----------------------------------------------------------------------
 
     def _vectors(self, x, name="vectors", allow_1d=False):
-        if self.dim is None:
-            arr = as_matrix(x, name=name, allow_1d=allow_1d)
-        else:
-            arr = as_matrix(x, name=name, dim=self.dim, allow_1d=allow_1d)
-        if self.metric == "cosine":
-            arr = algo.normalize(arr)
-        return arr
+        return _config.as_vectors(x, dim=self.dim, metric=self.metric, name=name,
+                                  allow_1d=allow_1d)
 
-    @staticmethod
-    def _id_array(ids, name="ids"):
-        arr = np.asarray(ids)
-        if arr.ndim == 0:
-            arr = arr[None]
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise InvalidInputError(f"{name} must be a 1-D sequence of integers, got {arr.dtype} {arr.shape}")
-        return arr.astype(np.int64)
-
-    @staticmethod
-    def _key_list(keys, n, allow_none=False):
-        keys = list(keys)
-        if len(keys) != n:
-            raise InvalidInputError(f"got {len(keys)} keys for {n} vectors")
-        bad = [k for k in keys if not isinstance(k, str) and not (allow_none and k is None)]
-        if bad:
-            raise InvalidInputError(f"keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
-        return keys
+    _id_array = staticmethod(_config.id_array)
+    _key_list = staticmethod(_config.key_list)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -328,112 +192,17 @@ class Store:
                 raise InvalidInputError(f"got {len(ids)} ids for {n} vectors")
             if len(np.unique(ids)) != n:
                 raise DuplicateError("ids contain duplicates")
-        with db.write():
-            fresh = self._state is not None and db.data_version() == self._seen_version
-            meta = db.meta()
-            if self.dim is None:
-                if "dim" in meta and int(meta["dim"]) != x.shape[1]:
-                    # another connection set the dimension first
-                    raise DimensionMismatchError(
-                        f"vectors have dim={x.shape[1]}, store has dim={meta['dim']}")
-                self.config["dim"] = x.shape[1]
-                db.set_meta(dim=x.shape[1])
-            out = None
-            if keys is not None and skip_existing_keys:
-                found = db.ids_for_keys([k for k in keys if k is not None])
-                if found:
-                    out = np.asarray([found.get(k, -1) for k in keys], np.int64)
-                    new = out < 0
-                    x, keys = x[new], [k for k, f in zip(keys, new) if f]
-                    ids = ids[new] if ids is not None else None
-                    if not len(x):
-                        return out
-            m = len(x)
-            next_id = self._meta_int(meta, "next_id")
-            if ids is None:
-                ids = np.arange(next_id, next_id + m, dtype=np.int64)
-            else:
-                taken = db.existing_ids(ids.tolist())
-                if taken:
-                    raise DuplicateError(f"ids already in the store: {sorted(taken)[:5]}")
-            if keys is not None:
-                taken = db.existing_keys([k for k in keys if k is not None])
-                if taken:
-                    raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
-            version = self._meta_int(meta, "active_version")
-            _report(progress, "add", 0, m)
-            keep = self.config["keep_originals"] or not version
-            blobs = pack_originals(x, self.config["originals"]) if keep else [None] * m
-            db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
-            appended = self._append_codes(db, version, x, ids, progress) if version else None
-            db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
-        _report(progress, "add", m, m)
-        self._after_add(fresh, version, x, ids, appended)
-        if out is not None:
-            out[out < 0] = ids
-            return out
-        return ids
-
-    def _after_add(self, fresh, version, x, ids, appended):
-        """Extend the in-memory arrays with our own commit instead of reloading them all."""
-        st = self._state
-        if not fresh or st is None or st["version"] != version or (version and appended is None):
+        added = _writes.add(db, self.config, x, ids, keys, skip_existing_keys=skip_existing_keys,
+                            state=self._state, seen_version=self._seen_version, progress=progress)
+        if added.ids is None:  # every key was stored already
+            return added.out
+        if not _snapshot.after_add(self._state if added.fresh else None, self.config,
+                                   added.version, added.x, added.ids, added.appended):
             self._invalidate()
-            return
-        st["count"] += len(ids)
-        st["ids"] = np.concatenate([st["ids"], ids])
-        if version:
-            st["nblocks"] = -(-len(st["ids"]) // self.config["block_size"])
-        if version:
-            codes, norms = appended
-            st["codes"] = np.ascontiguousarray(np.concatenate([st["codes"], codes]))
-            st["norms"] = np.concatenate([st["norms"], norms])
-            extra = norms if self.metric == "l2" else np.zeros(len(ids), np.float32)
-            st["bias"] = np.concatenate([st["bias"], extra])
-        else:
-            st["vectors"] = np.concatenate([st["vectors"], x])
-            st["vector_norms"] = np.concatenate([st["vector_norms"], np.einsum("ij,ij->i", x, x)])
-
-    def _append_codes(self, db, version, x, ids, progress):
-        row = db.codebooks_row(version)
-        rq = self._quantizer(version, row)
-        codes = rq.encode(x, beam_width=self.config["add_beam"], progress=progress)
-        xh = rq.decode(codes)
-        norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
-        db.record_added_error(version, len(x), float(((x - xh) ** 2).sum()))
-        dead = set(db.tombstones())
-        reused = [i for i in ids.tolist() if i in dead]
-        if reused:
-            # a deleted id comes back: its old codes must go before the new ones are written
-            old_ids, old_codes, old_norms, _ = codeblocks.read_codes(db, version, row["stages"])
-            keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
-            db.clear_tombstones(reused)
-            self._write_blocks(db, version, np.concatenate([old_ids[keep], ids]),
-                               np.concatenate([old_codes[keep], codes]),
-                               np.concatenate([old_norms[keep], norms]))
-            return None
-        appended = (codes, norms)
-        last = codeblocks.read_last_block(db, version, row["stages"])
-        start_block = 0 if last is None else last[0] + 1
-        if last is not None and len(last[1]) < self.config["block_size"]:
-            # top up the last, partly filled block
-            start_block, lids, lcodes, lnorms = last
-            ids = np.concatenate([lids, ids])
-            codes = np.concatenate([lcodes, codes])
-            norms = np.concatenate([lnorms, norms])
-        self._write_blocks(db, version, ids, codes, norms, first_block=start_block)
-        return appended
-
-    def _quantizer(self, version, row):
-        """The codec of ``version``, reused from the in-memory state when it matches."""
-        if self._state is not None and self._state.get("version") == version:
-            return self._state["rq"]
-        return ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
-                                                  row["dim"]))
-
-    def _write_blocks(self, db, version, ids, codes, norms, first_block=0):
-        codeblocks.write_codes(db, version, ids, codes, norms, self.config["block_size"],
-                               first_block)
+        if added.out is not None:
+            added.out[added.out < 0] = added.ids
+            return added.out
+        return added.ids
 
     def delete(self, ids=None, *, keys=None):
         """Delete vectors by id or by key at once (one transaction); returns how many.
@@ -446,34 +215,14 @@ class Store:
             raise InvalidInputError("give either ids or keys to delete")
         with db.write():
             fresh = self._state is not None and db.data_version() == self._seen_version
-            ids = self._resolve(db, ids, keys)
+            ids = _config.resolve(db, ids, keys)
             n = db.delete_vectors(ids.tolist())
-            version = self._meta_int(db.meta(), "active_version")
+            version = meta_int(db.meta(), "active_version")
             if version:
                 db.add_tombstones(ids.tolist())
-        st = self._state
-        if fresh and st is not None and st["version"] == version and version:
-            st["bias"][np.isin(st["ids"], ids)] = np.inf  # masked at once, no reload
-            st["count"] -= n
-        else:
+        if not _snapshot.after_delete(self._state if fresh else None, version, ids, n):
             self._invalidate()
         return n
-
-    def _resolve(self, db, ids, keys):
-        """Ids for ``ids`` or ``keys``, refusing unknown ones."""
-        if keys is not None:
-            keys = self._key_list(keys, len(list(keys)))
-            found = db.ids_for_keys(keys)
-            missing = [k for k in keys if k not in found]
-            if missing:
-                raise UnknownIdError(f"unknown keys: {missing[:5]}")
-            return np.asarray([found[k] for k in keys], np.int64)
-        ids = self._id_array(ids)
-        present = set(db.existing_ids(ids.tolist()))
-        missing = [i for i in ids.tolist() if i not in present]
-        if missing:
-            raise UnknownIdError(f"unknown ids: {missing[:5]}")
-        return ids
 
     # -- training ---------------------------------------------------------------------------
 
@@ -490,80 +239,16 @@ class Store:
         The new version's codes are written in batches; readers keep searching the old
         version until the final transaction switches to the new one.
         """
-        if not self.config["keep_originals"] and self._meta_int(self._live().meta(), "active_version"):
+        if not self.config["keep_originals"] and meta_int(self._live().meta(), "active_version"):
             raise OriginalsMissingError(
                 "retrain() needs the original vectors and this store was created with "
                 "keep_originals=False")
         return self._fit(progress)
 
     def _fit(self, progress):
-        db = self._live()
-        c = self.config
-        n = db.count()
-        if n < c["codebook_size"]:
-            raise NotTrainedError(
-                f"training needs at least codebook_size={c['codebook_size']} vectors, the store has {n}")
-        rng = np.random.default_rng(c["seed"])
-        all_ids = np.asarray(db.all_ids(), np.int64)
-        sample_ids = np.sort(rng.choice(all_ids, min(n, c["train_sample"]), replace=False))
-        blobs = db.fetch_vectors(sample_ids.tolist())
-        sample = self._unpack([blobs[i] for i in sample_ids.tolist()])
-        rq = ResidualQuantizer.train(sample, stages=c["stages"], codebook_size=c["codebook_size"],
-                                     beam_width=c["train_beam"], seed=rng, progressive_dim=True,
-                                     n_iter=10, progress=progress)
-        codes = rq.encode(sample, beam_width=c["train_beam"])
-        train_mse = float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
-        with db.write():
-            version = db.next_version()
-            db.insert_codebooks(version, "building", c["stages"], c["codebook_size"], self.dim,
-                                pack_codebooks(rq.codebooks), len(sample), train_mse)
-        # encode everything in batches, each committed: a crash leaves a 'building'
-        # version that the next writer drops, and the active version untouched
-        done, block, last = 0, 0, None
-        for ids, blobs in db.iter_vectors(batch=c["block_size"]):
-            _report(progress, "encode", done, n)
-            cd = rq.encode(self._unpack(blobs), beam_width=c["train_beam"])
-            last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
-            with db.write():
-                # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
-                codeblocks.write_codes(db, version, *last, c["block_size"], first_block=block)
-            block += 1
-            done += len(ids)
-        with db.write():
-            # vectors added meanwhile by another connection are encoded here, in the switch
-            covered = set()
-            for _, cnt, i, _, _ in db.read_blocks(version):
-                covered.update(np.frombuffer(i, "<i8").tolist())
-            live = db.all_ids()
-            late = [i for i in live if i not in covered]
-            if late:
-                blobs = db.fetch_vectors(late)
-                cd = rq.encode(self._unpack([blobs[i] for i in late]), beam_width=c["train_beam"])
-                new = (np.asarray(late, np.int64), cd, rq.norms(cd))
-                if last is not None:  # keep every block but the last one full
-                    new = tuple(np.concatenate([a, b]) for a, b in zip(last, new))
-                self._write_blocks(db, version, *new, first_block=max(block - 1, 0))
-            gone = covered - set(live)  # deleted meanwhile
-            db.clear_tombstones()
-            if gone:
-                db.add_tombstones(sorted(gone))
-            db.set_codebook_state(version, "active")
-            db.drop_versions(keep=version)
-            db.set_meta(active_version=version)
-            if not c["keep_originals"]:
-                db.clear_originals()
-        _report(progress, "encode", n, n)
+        _training.fit(self._live(), self.config, progress)
         self._invalidate()
         return self.info()
-
-    def _drop_stale_builds(self):
-        db = self._db
-        active = self._meta_int(db.meta(), "active_version")
-        stale = db.stale_building_versions(active)
-        if stale:
-            with db.write():
-                for v in stale:
-                    db.drop_version(v)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -576,7 +261,7 @@ class Store:
         if (ids is None) == (keys is None):
             raise InvalidInputError("give either ids or keys to get")
         with db.read():
-            ids = self._resolve(db, ids, keys)
+            ids = _config.resolve(db, ids, keys)
             blobs = db.fetch_vectors(ids.tolist())
         return self._unpack([blobs[i] for i in ids.tolist()])
 
@@ -593,7 +278,7 @@ class Store:
         ``missing="skip"`` get id -1."""
         db = self._live()
         if missing == "raise":
-            return self._resolve(db, None, keys)
+            return _config.resolve(db, None, keys)
         if missing != "skip":
             raise InvalidInputError(f'missing must be "raise" or "skip", got {missing!r}')
         keys = self._key_list(keys, len(list(keys)))
@@ -684,37 +369,13 @@ class Store:
 
     def _fetch(self, ids):
         """Originals of the sorted unique ``ids`` a rerank asks for."""
-        fmt = self.config["originals"]
-        if fmt != "zstd" and len(ids) <= 900:
-            blob = self._db.fetch_concat(ids.tolist())
-            if blob is not None:
-                return unpack_originals([blob], fmt, self.dim * len(ids)).reshape(len(ids), self.dim)
-        # some candidates were deleted by another connection since our arrays were read:
-        # NaN rows rank them last and rerank drops them
-        blobs = self._db.fetch_vectors(ids.tolist())
-        out = np.full((len(ids), self.dim), np.nan, np.float32)
-        have = [j for j, i in enumerate(ids.tolist()) if i in blobs]
-        if have:
-            out[have] = self._unpack([blobs[int(ids[j])] for j in have])
-        return out
+        return _snapshot.fetch_originals(self._db, self.config, ids)
 
     # -- maintenance ------------------------------------------------------------------------
 
     def compact(self, *, progress=None):
         """Free the space of deleted vectors: rewrite the code blocks, then VACUUM the file."""
-        db = self._live()
-        with db.write():
-            version = self._meta_int(db.meta(), "active_version")
-            dead = db.tombstones()
-            if version and dead:
-                _report(progress, "compact", 0, 2)
-                ids, codes, norms, _ = codeblocks.read_codes(db, version, self.config["stages"])
-                keep = ~np.isin(ids, np.asarray(dead, np.int64))
-                self._write_blocks(db, version, ids[keep], codes[keep], norms[keep])
-                db.clear_tombstones()
-        _report(progress, "compact", 1, 2)
-        db.vacuum()
-        _report(progress, "compact", 2, 2)
+        _writes.compact(self._live(), self.config, progress)
         self._invalidate()
 
     def info(self):
@@ -722,7 +383,7 @@ class Store:
         db = self._live()
         with db.read():
             meta = db.meta()
-            version = self._meta_int(meta, "active_version")
+            version = meta_int(meta, "active_version")
             out = {"path": db.path, "count": db.count(), **self.config,
                    "trained": bool(version), "codebook_version": version,
                    "deleted_pending_compact": len(db.tombstones()),
@@ -738,37 +399,4 @@ class Store:
 
     def check(self):
         """The store's own consistency check: a list of problems, empty when all is well."""
-        db = self._live()
-        problems = [p for p in db.integrity_check() if p != "ok"]
-        with db.read():
-            meta = db.meta()
-            version = self._meta_int(meta, "active_version")
-            live = set(db.all_ids())
-            dead = set(db.tombstones())
-            if version:
-                row = db.codebooks_row(version)
-                if row is None or row["state"] != "active":
-                    problems.append(f"active codebook version {version} is missing or not active")
-                    return problems
-                seen = []
-                for b, cnt, i, cd, nm in db.read_blocks(version):
-                    try:
-                        seen.append(unpack_block(cnt, row["stages"], i, cd, nm)[0])
-                    except RvqstoreError as exc:
-                        problems.append(f"block {b}: {exc}")
-                ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
-                if len(np.unique(ids)) != len(ids):
-                    problems.append("an id appears twice in the code blocks")
-                in_blocks = set(ids.tolist())
-                if live - in_blocks:
-                    problems.append(f"{len(live - in_blocks)} stored vectors have no codes")
-                if in_blocks - live - dead:
-                    problems.append(f"{len(in_blocks - live - dead)} codes belong to no vector")
-            if self.config["keep_originals"] or not version:
-                blobs = db.fetch_vectors(sorted(live)[:1000])
-                try:
-                    if blobs:
-                        self._unpack(list(blobs.values()))
-                except RvqstoreError as exc:
-                    problems.append(f"originals: {exc}")
-        return problems
+        return _training.check(self._live(), self.config)

@@ -1,0 +1,121 @@
+"""Codebook versions: training one, cleaning up after an interrupted one, checking the file.
+
+:func:`fit` trains new codebooks on a sample of the originals, writes them as a
+``building`` version, encodes every vector into it in committed batches and switches it
+active in one final transaction. :func:`drop_stale_builds` removes what a crashed fit
+left behind; :func:`check` verifies the active version's blocks against the vectors.
+"""
+
+import numpy as np
+
+from ._config import meta_int, unpack
+from ._writes import report, write_blocks
+from .algo import ResidualQuantizer
+from .errors import NotTrainedError, RvqstoreError
+from .storage import pack_codebooks, unpack_block
+from .storage import codes as codeblocks
+
+
+def fit(db, config, progress):
+    """Train, encode everything and switch to the new version (the work of train/retrain)."""
+    c = config
+    n = db.count()
+    if n < c["codebook_size"]:
+        raise NotTrainedError(
+            f"training needs at least codebook_size={c['codebook_size']} vectors, the store has {n}")
+    rng = np.random.default_rng(c["seed"])
+    all_ids = np.asarray(db.all_ids(), np.int64)
+    sample_ids = np.sort(rng.choice(all_ids, min(n, c["train_sample"]), replace=False))
+    blobs = db.fetch_vectors(sample_ids.tolist())
+    sample = unpack([blobs[i] for i in sample_ids.tolist()], c)
+    rq = ResidualQuantizer.train(sample, stages=c["stages"], codebook_size=c["codebook_size"],
+                                 beam_width=c["train_beam"], seed=rng, progressive_dim=True,
+                                 n_iter=10, progress=progress)
+    codes = rq.encode(sample, beam_width=c["train_beam"])
+    train_mse = float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
+    with db.write():
+        version = db.next_version()
+        db.insert_codebooks(version, "building", c["stages"], c["codebook_size"], c["dim"],
+                            pack_codebooks(rq.codebooks), len(sample), train_mse)
+    # encode everything in batches, each committed: a crash leaves a 'building'
+    # version that the next writer drops, and the active version untouched
+    done, block, last = 0, 0, None
+    for ids, blobs in db.iter_vectors(batch=c["block_size"]):
+        report(progress, "encode", done, n)
+        cd = rq.encode(unpack(blobs, c), beam_width=c["train_beam"])
+        last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
+        with db.write():
+            # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
+            codeblocks.write_codes(db, version, *last, c["block_size"], first_block=block)
+        block += 1
+        done += len(ids)
+    with db.write():
+        # vectors added meanwhile by another connection are encoded here, in the switch
+        covered = set()
+        for _, cnt, i, _, _ in db.read_blocks(version):
+            covered.update(np.frombuffer(i, "<i8").tolist())
+        live = db.all_ids()
+        late = [i for i in live if i not in covered]
+        if late:
+            blobs = db.fetch_vectors(late)
+            cd = rq.encode(unpack([blobs[i] for i in late], c), beam_width=c["train_beam"])
+            new = (np.asarray(late, np.int64), cd, rq.norms(cd))
+            if last is not None:  # keep every block but the last one full
+                new = tuple(np.concatenate([a, b]) for a, b in zip(last, new))
+            write_blocks(db, c, version, *new, first_block=max(block - 1, 0))
+        gone = covered - set(live)  # deleted meanwhile
+        db.clear_tombstones()
+        if gone:
+            db.add_tombstones(sorted(gone))
+        db.set_codebook_state(version, "active")
+        db.drop_versions(keep=version)
+        db.set_meta(active_version=version)
+        if not c["keep_originals"]:
+            db.clear_originals()
+    report(progress, "encode", n, n)
+
+
+def drop_stale_builds(db):
+    active = meta_int(db.meta(), "active_version")
+    stale = db.stale_building_versions(active)
+    if stale:
+        with db.write():
+            for v in stale:
+                db.drop_version(v)
+
+
+def check(db, config):
+    """The store's own consistency check: a list of problems, empty when all is well."""
+    problems = [p for p in db.integrity_check() if p != "ok"]
+    with db.read():
+        meta = db.meta()
+        version = meta_int(meta, "active_version")
+        live = set(db.all_ids())
+        dead = set(db.tombstones())
+        if version:
+            row = db.codebooks_row(version)
+            if row is None or row["state"] != "active":
+                problems.append(f"active codebook version {version} is missing or not active")
+                return problems
+            seen = []
+            for b, cnt, i, cd, nm in db.read_blocks(version):
+                try:
+                    seen.append(unpack_block(cnt, row["stages"], i, cd, nm)[0])
+                except RvqstoreError as exc:
+                    problems.append(f"block {b}: {exc}")
+            ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
+            if len(np.unique(ids)) != len(ids):
+                problems.append("an id appears twice in the code blocks")
+            in_blocks = set(ids.tolist())
+            if live - in_blocks:
+                problems.append(f"{len(live - in_blocks)} stored vectors have no codes")
+            if in_blocks - live - dead:
+                problems.append(f"{len(in_blocks - live - dead)} codes belong to no vector")
+        if config["keep_originals"] or not version:
+            blobs = db.fetch_vectors(sorted(live)[:1000])
+            try:
+                if blobs:
+                    unpack(list(blobs.values()), config)
+            except RvqstoreError as exc:
+                problems.append(f"originals: {exc}")
+    return problems

@@ -1,0 +1,153 @@
+"""Writing vectors and their codes, inside the transactions the Store opens.
+
+:func:`insert` is the body of an add once the inputs are checked: it numbers the rows,
+refuses taken ids and keys, stores the originals and, once trained, encodes the new vectors
+and appends their codes to the active version's blocks. :func:`compact` rewrites the blocks
+without the deleted vectors.
+"""
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _snapshot
+from ._config import meta_int
+from .errors import DimensionMismatchError, DuplicateError
+from .storage import pack_originals
+from .storage import codes as codeblocks
+
+
+def report(progress, phase, done, total):
+    if progress is not None:
+        progress(phase, done, total)
+
+
+def write_blocks(db, config, version, ids, codes, norms, first_block=0):
+    codeblocks.write_codes(db, version, ids, codes, norms, config["block_size"], first_block)
+
+
+class Added(NamedTuple):
+    """What :func:`add` committed.
+
+    ids : int64 (m,) of the rows written, or None when every key was stored already
+    out : int64 (n,) or None, with ``skip_existing_keys``: the stored ids of the rows
+        skipped and -1 for the rows written
+    x : float32 (m, dim), the rows written
+    version : int, the active codebook version (0 before training)
+    appended : see :func:`insert`
+    fresh : bool, the caller's in-memory state was current when the transaction began
+    """
+
+    ids: Optional[np.ndarray]
+    out: Optional[np.ndarray]
+    x: np.ndarray
+    version: Optional[int] = None
+    appended: Optional[tuple] = None
+    fresh: bool = False
+
+
+def add(db, config, x, ids, keys, *, skip_existing_keys, state, seen_version, progress):
+    """The rows ``x`` (checked; ``ids`` and ``keys`` checked or None) in one transaction.
+
+    ``config["dim"]`` is set when the store had no dimension yet.
+    """
+    with db.write():
+        fresh = state is not None and db.data_version() == seen_version
+        meta = db.meta()
+        if config["dim"] is None:
+            if "dim" in meta and int(meta["dim"]) != x.shape[1]:
+                # another connection set the dimension first
+                raise DimensionMismatchError(
+                    f"vectors have dim={x.shape[1]}, store has dim={meta['dim']}")
+            config["dim"] = x.shape[1]
+            db.set_meta(dim=x.shape[1])
+        out = None
+        if keys is not None and skip_existing_keys:
+            found = db.ids_for_keys([k for k in keys if k is not None])
+            if found:
+                out = np.asarray([found.get(k, -1) for k in keys], np.int64)
+                new = out < 0
+                x, keys = x[new], [k for k, f in zip(keys, new) if f]
+                ids = ids[new] if ids is not None else None
+                if not len(x):
+                    return Added(None, out, x)
+        ids, version, appended = insert(db, config, meta, x, ids, keys, state=state,
+                                        progress=progress)
+    report(progress, "add", len(x), len(x))
+    return Added(ids, out, x, version, appended, fresh)
+
+
+def insert(db, config, meta, x, ids, keys, *, state, progress):
+    """Store the rows ``x`` (inside ``db.write()``); returns ``(ids, version, appended)``.
+
+    ``ids`` None numbers the rows from ``next_id``; ``keys`` may be None. ``appended`` is
+    ``(codes, norms)`` of the new rows when they were appended to the active version's
+    blocks, None when untrained or when the blocks were rewritten (a deleted id came back).
+    """
+    m = len(x)
+    next_id = meta_int(meta, "next_id")
+    if ids is None:
+        ids = np.arange(next_id, next_id + m, dtype=np.int64)
+    else:
+        taken = db.existing_ids(ids.tolist())
+        if taken:
+            raise DuplicateError(f"ids already in the store: {sorted(taken)[:5]}")
+    if keys is not None:
+        taken = db.existing_keys([k for k in keys if k is not None])
+        if taken:
+            raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
+    version = meta_int(meta, "active_version")
+    report(progress, "add", 0, m)
+    keep = config["keep_originals"] or not version
+    blobs = pack_originals(x, config["originals"]) if keep else [None] * m
+    db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
+    appended = _append_codes(db, config, state, version, x, ids, progress) if version else None
+    db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
+    return ids, version, appended
+
+
+def _append_codes(db, config, state, version, x, ids, progress):
+    row = db.codebooks_row(version)
+    rq = _snapshot.quantizer(state, version, row)
+    codes = rq.encode(x, beam_width=config["add_beam"], progress=progress)
+    xh = rq.decode(codes)
+    norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
+    db.record_added_error(version, len(x), float(((x - xh) ** 2).sum()))
+    dead = set(db.tombstones())
+    reused = [i for i in ids.tolist() if i in dead]
+    if reused:
+        # a deleted id comes back: its old codes must go before the new ones are written
+        old_ids, old_codes, old_norms, _ = codeblocks.read_codes(db, version, row["stages"])
+        keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
+        db.clear_tombstones(reused)
+        write_blocks(db, config, version, np.concatenate([old_ids[keep], ids]),
+                     np.concatenate([old_codes[keep], codes]),
+                     np.concatenate([old_norms[keep], norms]))
+        return None
+    appended = (codes, norms)
+    last = codeblocks.read_last_block(db, version, row["stages"])
+    start_block = 0 if last is None else last[0] + 1
+    if last is not None and len(last[1]) < config["block_size"]:
+        # top up the last, partly filled block
+        start_block, lids, lcodes, lnorms = last
+        ids = np.concatenate([lids, ids])
+        codes = np.concatenate([lcodes, codes])
+        norms = np.concatenate([lnorms, norms])
+    write_blocks(db, config, version, ids, codes, norms, first_block=start_block)
+    return appended
+
+
+def compact(db, config, progress):
+    """Rewrite the code blocks without the deleted vectors, then VACUUM the file."""
+    with db.write():
+        version = meta_int(db.meta(), "active_version")
+        dead = db.tombstones()
+        if version and dead:
+            report(progress, "compact", 0, 2)
+            ids, codes, norms, _ = codeblocks.read_codes(db, version, config["stages"])
+            keep = ~np.isin(ids, np.asarray(dead, np.int64))
+            write_blocks(db, config, version, ids[keep], codes[keep], norms[keep])
+            db.clear_tombstones()
+    report(progress, "compact", 1, 2)
+    db.vacuum()
+    report(progress, "compact", 2, 2)
