@@ -6,7 +6,8 @@ Builds (once; reused when the file exists) a store of ``n`` seeded clustered vec
 starts a fresh Python process that imports rvqstore, opens the store and answers its first
 query, and reports: the time from open to first answer (beyond interpreter and import
 time), resident memory while searching (total, anonymous and file-backed) against the
-in-memory codes + norms + ids, and the file size against the bytes it has to hold.
+in-memory codes + norms + ids, and the file size against the bytes it has to hold. One more
+process searches with ``mmap_originals=True`` to show what mapping the originals costs.
 """
 
 import argparse
@@ -37,15 +38,16 @@ def rss():
     return out
 
 before = rss()
-q = np.random.default_rng(1).standard_normal((200, int(sys.argv[2]))).astype(np.float32)
+NQ = 200
+q = np.random.default_rng(1).standard_normal((NQ, int(sys.argv[2]))).astype(np.float32)
 t1 = time.perf_counter()
-store = Store.open(sys.argv[1], readonly=True)
+store = Store.open(sys.argv[1], readonly=True, mmap_originals=sys.argv[3] == "mmap")
 store.search(q[0], k=10)
 first = time.perf_counter() - t1
 t2 = time.perf_counter()
-for i in range(1, 200):
+for i in range(1, NQ):
     store.search(q[i], k=10)
-per_query = (time.perf_counter() - t2) / 199
+per_query = (time.perf_counter() - t2) / (NQ - 1)
 after = rss()
 st = store._current()
 arrays = st["codes"].nbytes + st["norms"].nbytes + st["ids"].nbytes + st["bias"].nbytes
@@ -83,11 +85,12 @@ def main(argv=None):
         add_s, train_s = build(args.path, args.n, args.dim, args.stages)
         print(f"built: add {add_s:.1f} s ({args.n / add_s:,.0f} vec/s untrained), "
               f"train + encode all {train_s:.1f} s")
-    runs = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.path, str(args.dim)],
+    def child(mode):
+        out = subprocess.run([sys.executable, "-c", CHILD, args.path, str(args.dim), mode],
                              capture_output=True, text=True, check=True)
-        runs.append(json.loads(out.stdout))
+        return json.loads(out.stdout)
+    runs = [child("default") for _ in range(3)]
+    mapped = child("mmap")
     med = sorted(runs, key=lambda r: r["open_first_query_s"])[1]
     with Store.open(args.path, readonly=True) as s:
         info = s.info()
@@ -106,6 +109,9 @@ def main(argv=None):
     print(f"- growth from opening and searching: "
           f"{mib(ra['VmRSS'] - med['rss_before']['VmRSS'])} (budget: arrays + 200 MiB = "
           f"{mib(med['arrays_bytes'] + 200 * 2**20)})")
+    rm = mapped["rss_after"]
+    print(f"- the same with mmap_originals=True (one process): {mapped['query_ms']:.2f} ms/query, "
+          f"resident after 200 queries {mib(rm['VmRSS'])} (file-backed {mib(rm['RssFile'])})")
     print(f"- file {mib(b['file'])} vs originals+codes+norms+ids+keys {mib(needed)}: "
           f"{b['file'] / needed:.3f}x")
 
