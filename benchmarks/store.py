@@ -25,7 +25,7 @@ from rvqstore.storage import pack_originals, unpack_originals
 from .common import Threads, fmt, load_dataset, markdown_table, qps_single, recall
 
 
-FACTORS = (1, 4, 10, 15, 20)
+FACTORS = (1, 4, 10, 12, 15, 20)
 
 
 def store_rows(base, queries, gt, folder, args):
