@@ -114,10 +114,7 @@ def validate_config(c):
 
 def as_vectors(x, *, dim, metric, name="vectors", allow_1d=False):
     """``x`` as float32 (n, dim), checked against ``dim`` when known (cosine: normalised)."""
-    if dim is None:
-        arr = as_matrix(x, name=name, allow_1d=allow_1d)
-    else:
-        arr = as_matrix(x, name=name, dim=dim, allow_1d=allow_1d)
+    arr = as_matrix(x, name=name, dim=dim, allow_1d=allow_1d)
     if metric == "cosine":
         arr = algo.normalize(arr)
     return arr

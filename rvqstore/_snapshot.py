@@ -84,7 +84,6 @@ def after_add(st, config, version, x, ids, appended):
     st["ids"] = np.concatenate([st["ids"], ids])
     if version:
         st["nblocks"] = -(-len(st["ids"]) // config["block_size"])
-    if version:
         codes, norms = appended
         st["codes"] = np.ascontiguousarray(np.concatenate([st["codes"], codes]))
         st["norms"] = np.concatenate([st["norms"], norms])

@@ -13,7 +13,6 @@ from ._writes import report, write_blocks
 from .algo import ResidualQuantizer
 from .errors import NotTrainedError, RvqstoreError
 from .storage import pack_codebooks, unpack_block
-from .storage import codes as codeblocks
 
 
 def fit(db, config, progress):
@@ -46,7 +45,7 @@ def fit(db, config, progress):
         last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
         with db.write():
             # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
-            codeblocks.write_codes(db, version, *last, c["block_size"], first_block=block)
+            write_blocks(db, c, version, *last, first_block=block)
         block += 1
         done += len(ids)
     with db.write():

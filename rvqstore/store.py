@@ -67,8 +67,9 @@ class Store:
         originals : "float32", "float16" or "zstd", how originals are stored
         readonly : bool, open without write access
         create : bool, create the store when ``path`` is missing (else ``BadFileError``)
-        mmap_originals : bool, read rerank candidates through memory-mapped I/O: ~0.2 ms
-            faster per query, but touched pages count as resident memory (default False)
+        mmap_originals : bool, read rerank candidates through memory-mapped I/O: ~0.1 ms
+            faster per query while the file sits in the page cache, but touched pages count
+            as resident memory, and a million-vector store is no faster (default False)
         block_size : int, vectors per code block (default 16384)
         train_beam, add_beam : int, beam width when (re)training encodes everything and
             when add() encodes new vectors (default 1, greedy: see the README's measurements)
@@ -139,7 +140,9 @@ class Store:
         with db.read():
             state = _snapshot.load(db, self.config, self._state)
         self._state = state
-        self._seen_version = db.data_version()
+        # the version seen before the read: a commit landing meanwhile triggers one more
+        # refresh rather than being missed
+        self._seen_version = dv
         return state
 
     def _invalidate(self):
@@ -307,8 +310,9 @@ class Store:
 
     def keys(self, ids):
         """Keys of ``ids`` (None where a vector has no key)."""
-        found = self._live().keys_for_ids(self._id_array(ids).tolist())
-        return [found.get(i) for i in self._id_array(ids).tolist()]
+        wanted = self._id_array(ids).tolist()
+        found = self._live().keys_for_ids(wanted)
+        return [found.get(i) for i in wanted]
 
     def search(self, queries, *, k=10, rerank=None, with_keys=False, exclude=None):
         """The k nearest stored vectors of each query.
