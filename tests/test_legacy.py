@@ -1,0 +1,37 @@
+"""Stores written by earlier releases open, upgrade and answer as they did.
+
+``tests/fixtures/legacy-v1-*.db`` were written by rvqstore 0.1.0 (schema 1) with
+``make_legacy_v1.py``, which also recorded their search results.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from rvqstore import Store
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+EXPECTED = json.loads((FIXTURES / "legacy-v1-expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["trained", "untrained"])
+def test_legacy_v1_store_opens_upgrades_and_searches(tmp_path, name):
+    path = tmp_path / f"{name}.db"
+    shutil.copy(FIXTURES / f"legacy-v1-{name}.db", path)
+    want = EXPECTED[name]
+    queries = np.asarray(EXPECTED["queries"], np.float32)
+    with Store.open(path) as s:
+        assert len(s) == want["count"]
+        assert s.info()["trained"] == want["info"]["trained"]
+        assert s.check() == []
+        res = s.search(queries, k=5)
+        np.testing.assert_array_equal(res.ids, want["ids"])
+        np.testing.assert_allclose(res.distances, want["distances"], rtol=1e-5, atol=1e-5)
+        assert s.keys([0])[0] == "doc-0"
+        new = s.add(queries[:2] + 10.0, keys=["new-0", "new-1"])
+        assert s.search(queries[0] + 10.0, k=1).ids[0] == new[0]
+    with Store.open(path, readonly=True) as r:  # the upgraded file reopens as it is
+        assert len(r) == want["count"] + 2
