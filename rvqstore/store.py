@@ -276,6 +276,10 @@ class Store:
             found = db.keys_for_ids(ids)
             yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs))
 
+    def ids(self):
+        """Every stored id, ascending (int64)."""
+        return np.asarray(self._live().all_ids(), np.int64)
+
     def ids_for_keys(self, keys, *, missing="raise"):
         """Ids of ``keys`` (int64). Unknown keys raise ``UnknownIdError``, or with
         ``missing="skip"`` get id -1."""

@@ -19,7 +19,7 @@ from conftest import clustered
 
 
 def snapshot(store):
-    ids = np.asarray(sorted(store._db.all_ids()))
+    ids = store.ids()
     return len(store), ids.tolist(), store.get(ids).tobytes(), store.info()["codebook_version"]
 
 
@@ -148,14 +148,14 @@ CHILD = textwrap.dedent("""
             s.add(rng.standard_normal((50, 16)).astype(np.float32), ids=np.arange(nxt, nxt + 50))
             nxt += 50
         elif mode == "delete":
-            ids = sorted(s._db.all_ids())[:20]
+            ids = s.ids().tolist()[:20]
             if not ids:
                 break
             s.delete(ids)
         elif mode == "retrain":
             s.retrain()
         elif mode == "compact":
-            s.delete(sorted(s._db.all_ids())[:10])
+            s.delete(s.ids().tolist()[:10])
             s.compact()
         print("done", len(s), flush=True)
 """)
