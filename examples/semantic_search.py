@@ -42,7 +42,7 @@ def main(n=None, path=None):
     with Store.open(path, dim=vectors.shape[1], metric="cosine",
                     **({} if os.path.exists(path) else new)) as store:
         store.add(vectors, keys=keys, skip_existing_keys=True)
-        if not store.info()["trained"] and len(store) >= store.config["codebook_size"]:
+        if not store.info()["trained"] and len(store) >= store.config.codebook_size:
             store.train()
         info = store.info()
         how = (f"ADC over {info['stages']}-byte codes ({info['codebook_size']} codewords per "

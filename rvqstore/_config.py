@@ -1,6 +1,6 @@
 """A store's configuration, and the conversions it governs.
 
-The ``_CONFIG`` table of settings kept in the file, opening a file against the settings
+The settings kept in the file (:class:`Config`), opening a file against the settings
 asked for (created when missing, refused on a conflict), and turning arguments into the
 arrays the store works on (vectors, ids, keys) and stored originals back into vectors.
 Public methods of :class:`~rvqstore.store.Store` call these to validate; nothing here
@@ -8,6 +8,8 @@ does distance math.
 """
 
 import os
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import numpy as np
 
@@ -17,19 +19,60 @@ from .errors import (BadFileError, ConfigMismatchError, InvalidInputError, Origi
                      RvqstoreError, UnknownIdError)
 from .storage import ORIGINAL_FORMATS, Database, unpack_originals
 
-_CONFIG = {  # name: (type, default)
-    "dim": (int, None),
-    "metric": (str, "l2"),
-    "stages": (int, 16),
-    "codebook_size": (int, 256),
-    "keep_originals": (bool, True),
-    "originals": (str, "float32"),
-    "block_size": (int, 16384),
-    "train_beam": (int, 1),
-    "add_beam": (int, 1),
-    "train_sample": (int, 65536),
-    "seed": (int, 0),
-}
+@dataclass(frozen=True)
+class Config:
+    """A store's settings, as kept in the file's meta table.
+
+    ``dim`` is None until the first add of a store created without one.
+    """
+
+    dim: Optional[int] = None
+    metric: str = "l2"
+    stages: int = 16
+    codebook_size: int = 256
+    keep_originals: bool = True
+    originals: str = "float32"
+    block_size: int = 16384
+    train_beam: int = 1
+    add_beam: int = 1
+    train_sample: int = 65536
+    seed: int = 0
+
+    @classmethod
+    def from_meta(cls, meta):
+        """The settings stored in ``meta`` (name -> text), defaults where absent."""
+        values = {}
+        for f in fields(cls):
+            if f.name in meta:
+                values[f.name] = _parse(_TYPES[f.name], meta[f.name])
+        return cls(**values)
+
+    def to_meta(self):
+        """name -> value to store (bools as 0/1, unset dim left out)."""
+        return {f.name: (int(v) if isinstance(v, bool) else v)
+                for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def validate(self):
+        """Refuse settings out of range, naming the value."""
+        check_metric(self.metric)
+        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+            raise InvalidInputError(f"dim must be a positive integer, got {self.dim!r}")
+        if not 1 <= self.stages <= 64:
+            raise InvalidInputError(f"stages must be in [1, 64], got {self.stages}")
+        if not 2 <= self.codebook_size <= 256:
+            raise InvalidInputError(f"codebook_size must be in [2, 256], got {self.codebook_size}")
+        if self.originals not in ORIGINAL_FORMATS:
+            raise InvalidInputError(f"originals must be one of {', '.join(ORIGINAL_FORMATS)}, "
+                                    f"got {self.originals!r}")
+        for name in ("block_size", "train_beam", "add_beam", "train_sample"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+_TYPES = {"dim": int, "metric": str, "stages": int, "codebook_size": int, "keep_originals": bool,
+          "originals": str, "block_size": int, "train_beam": int, "add_beam": int,
+          "train_sample": int, "seed": int}
 
 
 def _parse(kind, text):
@@ -46,68 +89,47 @@ def meta_int(meta, name):
 def open_database(path, given, *, readonly, create, mmap_originals):
     """Open (or create) the file at ``path``; returns ``(db, config)``.
 
-    ``given`` maps every ``_CONFIG`` name to the value asked for, or None. On an existing
-    file the configuration is read from the file, and a given value that conflicts with it
-    is an error naming both values.
+    ``given`` maps every :class:`Config` field to the value asked for, or None. On an
+    existing file the configuration is read from the file, and a given value that
+    conflicts with it is an error naming both values.
     """
     dim = given["dim"]
-    fresh = {k: (given[k] if given[k] is not None else d) for k, (t, d) in _CONFIG.items()}
+    fresh = Config(**{k: v for k, v in given.items() if v is not None})
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         if not create and not readonly:
             raise BadFileError(f"{os.fspath(path)} does not exist")
-        validate_config(fresh)  # before a file is made: a refused open leaves none
+        fresh.validate()  # before a file is made: a refused open leaves none
     db = Database(path, readonly=readonly, mmap_originals=mmap_originals)
     try:
         stored = db.meta()
         if not stored and not readonly:
             # create under the write lock: another process may be creating it right now
-            validate_config(fresh)
+            fresh.validate()
             with db.write():
                 stored = db.meta()
                 if not stored:
-                    db.set_meta(format=1, active_version=0, next_id=0,
-                                **{k: (int(v) if isinstance(v, bool) else v)
-                                   for k, v in fresh.items() if v is not None})
+                    db.set_meta(format=1, active_version=0, next_id=0, **fresh.to_meta())
                     stored = db.meta()
-        if stored:
-            config = {k: _parse(t, stored[k]) if k in stored else d
-                      for k, (t, d) in _CONFIG.items()}
-            if "dim" in stored:
-                config["dim"] = int(stored["dim"])
-            for name, value in given.items():
-                if value is not None and config[name] is not None and value != config[name]:
-                    raise ConfigMismatchError(
-                        f"{name}={value!r} was asked for, but {db.path} has {name}={config[name]!r}")
-            if config["dim"] is None and dim is not None and not readonly:
-                with db.write():
-                    now = db.meta().get("dim")
-                    if now is not None and int(now) != dim:
-                        raise ConfigMismatchError(
-                            f"dim={dim} was asked for, but {db.path} has dim={now}")
-                    db.set_meta(dim=dim)
-                config["dim"] = dim
-        else:
+        if not stored:
             raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
+        config = Config.from_meta(stored)
+        for name, value in given.items():
+            have = getattr(config, name)
+            if value is not None and have is not None and value != have:
+                raise ConfigMismatchError(
+                    f"{name}={value!r} was asked for, but {db.path} has {name}={have!r}")
+        if config.dim is None and dim is not None and not readonly:
+            with db.write():
+                now = db.meta().get("dim")
+                if now is not None and int(now) != dim:
+                    raise ConfigMismatchError(
+                        f"dim={dim} was asked for, but {db.path} has dim={now}")
+                db.set_meta(dim=dim)
+            config = replace(config, dim=dim)
         return db, config
     except BaseException:
         db.close()
         raise
-
-
-def validate_config(c):
-    check_metric(c["metric"])
-    if c["dim"] is not None and (not isinstance(c["dim"], int) or c["dim"] < 1):
-        raise InvalidInputError(f"dim must be a positive integer, got {c['dim']!r}")
-    if not 1 <= c["stages"] <= 64:
-        raise InvalidInputError(f"stages must be in [1, 64], got {c['stages']}")
-    if not 2 <= c["codebook_size"] <= 256:
-        raise InvalidInputError(f"codebook_size must be in [2, 256], got {c['codebook_size']}")
-    if c["originals"] not in ORIGINAL_FORMATS:
-        raise InvalidInputError(
-            f"originals must be one of {', '.join(ORIGINAL_FORMATS)}, got {c['originals']!r}")
-    for name in ("block_size", "train_beam", "add_beam", "train_sample"):
-        if c[name] < 1:
-            raise InvalidInputError(f"{name} must be >= 1, got {c[name]}")
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -162,4 +184,4 @@ def unpack(blobs, config):
     """Stored original blobs as float32 (n, dim); refused when the store keeps none."""
     if any(b is None for b in blobs):
         raise OriginalsMissingError("this store does not keep original vectors")
-    return unpack_originals(blobs, config["originals"], config["dim"])
+    return unpack_originals(blobs, config.originals, config.dim)

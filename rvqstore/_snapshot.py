@@ -1,22 +1,44 @@
 """The in-memory snapshot of the active version that searches scan.
 
-A snapshot is a dict. Before training: ``version`` 0, ``epoch``, ``count``, ``ids``,
-``vectors`` and ``vector_norms`` (exact search over the originals). Once trained:
-``version``, ``epoch``, ``count``, ``rq``, ``nblocks``, ``ids``, ``codes``, ``norms`` and
-``bias`` (squared code norms for l2, +inf for deleted ids). :meth:`Store._current` decides
-when to rebuild one (``PRAGMA data_version``); this module builds and refreshes it from the
-file, keeps it in step with the store's own writes, and reads originals for rerank.
+A :class:`Snapshot` pairs the in-memory index (:mod:`rvqstore.algo.index`: exact over the
+originals before training, a flat code index after) with what a reader needs to refresh it
+cheaply: the codebook version, the blocks epoch and how many blocks it holds.
+:meth:`Store._current` decides when to rebuild one (``PRAGMA data_version``); this module
+builds and refreshes it from the file, keeps it in step with the store's own writes, and
+reads originals for rerank.
 """
+
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
-from ._config import meta_int, unpack
+from ._config import Config, meta_int, unpack
 from .algo import ResidualQuantizer
+from .algo.index import ExactIndex, FlatCodeIndex
 from .storage import unpack_codebooks, unpack_originals
 from .storage import codes as codeblocks
 
 
-def load(db, config, old):
+@dataclass
+class Snapshot:
+    """The active version as held in memory.
+
+    version : int, active codebook version (0: untrained, ``index`` is exact)
+    epoch : int, the file's ``blocks_epoch`` when the blocks were read
+    count : int, live vectors
+    nblocks : int, code blocks read (0 when untrained)
+    index : ExactIndex or FlatCodeIndex
+    """
+
+    version: int
+    epoch: int
+    count: int
+    nblocks: int
+    index: Union[ExactIndex, FlatCodeIndex]
+
+
+def load(db, config: Config, old):
     """The snapshot as of now, reusing ``old`` where it still holds (call inside ``db.read()``).
 
     Appends by others only touch the last code block and new ones, so a refresh reads
@@ -25,31 +47,25 @@ def load(db, config, old):
     meta = db.meta()
     version = meta_int(meta, "active_version")
     epoch = meta_int(meta, "blocks_epoch")
-    state = {"version": version, "epoch": epoch, "count": db.count()}
-    if version:
-        stages = config["stages"]
-        if old is not None and old["version"] == version and old["epoch"] == epoch:
-            state["rq"] = old["rq"]
-            first = max(old["nblocks"] - 1, 0)
-            kept = [a[: first * config["block_size"]]
-                    for a in (old["ids"], old["codes"], old["norms"])]
-        else:
-            row = db.codebooks_row(version)
-            state["rq"] = ResidualQuantizer(unpack_codebooks(
-                row["data"], row["stages"], row["codebook_size"], row["dim"]))
-            first, kept = 0, codeblocks.empty(stages)
-        *tail, nread = codeblocks.read_codes(db, version, stages, first)
-        ids, codes, norms = (np.concatenate([k, t]) for k, t in zip(kept, tail))
-        state["nblocks"] = first + nread
-        bias = norms.copy() if config["metric"] == "l2" else np.zeros(len(ids), np.float32)
-        dead = db.tombstones()
-        if dead:
-            bias[np.isin(ids, np.asarray(dead, np.int64))] = np.inf
-        state.update(ids=ids, codes=np.ascontiguousarray(codes), norms=norms, bias=bias)
-    else:
+    count = db.count()
+    if not version:
         ids, vecs = load_all_originals(db, config)
-        state.update(ids=ids, vectors=vecs, vector_norms=np.einsum("ij,ij->i", vecs, vecs))
-    return state
+        return Snapshot(0, epoch, count, 0, ExactIndex(config.metric, ids, vecs))
+    if old is not None and old.version == version and old.epoch == epoch:
+        first = max(old.nblocks - 1, 0)
+        kept = old.index.truncated(first * config.block_size)
+    else:
+        row = db.codebooks_row(version)
+        rq = ResidualQuantizer(unpack_codebooks(row["data"], row["stages"],
+                                                row["codebook_size"], row["dim"]))
+        first = 0
+        kept = FlatCodeIndex(config.metric, rq, *codeblocks.empty(config.stages))
+    ids, codes, norms, nread = codeblocks.read_codes(db, version, config.stages, first)
+    kept.append(ids, codes, norms)
+    dead = db.tombstones()
+    if dead:
+        kept.remove(np.asarray(dead, np.int64))
+    return Snapshot(version, epoch, count, first + nread, kept)
 
 
 def load_all_originals(db, config):
@@ -58,51 +74,45 @@ def load_all_originals(db, config):
         ids += bid
         blobs += bblobs
     if not ids:
-        return np.empty(0, np.int64), np.empty((0, config["dim"] or 0), np.float32)
+        return np.empty(0, np.int64), np.empty((0, config.dim or 0), np.float32)
     return np.asarray(ids, np.int64), unpack(blobs, config)
 
 
-def quantizer(state, version, row):
-    """The codec of ``version``, reused from the in-memory state when it matches."""
-    if state is not None and state.get("version") == version:
-        return state["rq"]
+def quantizer(snap, version, row):
+    """The codec of ``version``, reused from the in-memory snapshot when it matches."""
+    if snap is not None and snap.version == version and version:
+        return snap.index.rq
     return ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
                                               row["dim"]))
 
 
 # -- our own writes -------------------------------------------------------------------------
 
-def after_add(st, config, version, x, ids, appended):
-    """Extend the in-memory arrays with our own commit instead of reloading them all.
+def after_add(snap, config, version, x, ids, appended):
+    """Extend the in-memory index with our own commit instead of reloading it all.
 
-    ``st`` is None unless it was current when the commit began. Returns False when it
+    ``snap`` is None unless it was current when the commit began. Returns False when it
     cannot be extended (the caller drops it instead).
     """
-    if st is None or st["version"] != version or (version and appended is None):
+    if snap is None or snap.version != version or (version and appended is None):
         return False
-    st["count"] += len(ids)
-    st["ids"] = np.concatenate([st["ids"], ids])
+    snap.count += len(ids)
     if version:
-        st["nblocks"] = -(-len(st["ids"]) // config["block_size"])
-        codes, norms = appended
-        st["codes"] = np.ascontiguousarray(np.concatenate([st["codes"], codes]))
-        st["norms"] = np.concatenate([st["norms"], norms])
-        extra = norms if config["metric"] == "l2" else np.zeros(len(ids), np.float32)
-        st["bias"] = np.concatenate([st["bias"], extra])
+        snap.index.append(ids, *appended)
+        snap.nblocks = -(-len(snap.index.ids) // config.block_size)
     else:
-        st["vectors"] = np.concatenate([st["vectors"], x])
-        st["vector_norms"] = np.concatenate([st["vector_norms"], np.einsum("ij,ij->i", x, x)])
+        snap.index.append(ids, x)
     return True
 
 
-def after_delete(st, version, ids, n):
-    """Mask our own deletion of ``ids`` (``n`` rows) in place; False when a reload is due.
+def after_delete(snap, version, ids, n):
+    """Drop our own deletion of ``ids`` (``n`` rows) in place; False when a reload is due.
 
-    ``st`` is None unless it was current when the commit began.
+    ``snap`` is None unless it was current when the commit began.
     """
-    if st is not None and st["version"] == version and version:
-        st["bias"][np.isin(st["ids"], ids)] = np.inf  # masked at once, no reload
-        st["count"] -= n
+    if snap is not None and snap.version == version and version:
+        snap.index.remove(ids)  # masked at once, no reload
+        snap.count -= n
         return True
     return False
 
@@ -111,7 +121,7 @@ def after_delete(st, version, ids, n):
 
 def fetch_originals(db, config, ids):
     """Originals of the sorted unique ``ids`` a rerank asks for."""
-    fmt, dim = config["originals"], config["dim"]
+    fmt, dim = config.originals, config.dim
     if fmt != "zstd" and len(ids) <= 900:
         blob = db.fetch_concat(ids.tolist())
         if blob is not None:
@@ -124,3 +134,4 @@ def fetch_originals(db, config, ids):
     if have:
         out[have] = unpack([blobs[int(ids[j])] for j in have], config)
     return out
+

@@ -12,36 +12,37 @@ from ._config import meta_int, unpack
 from ._writes import report, write_blocks
 from .algo import ResidualQuantizer
 from .errors import NotTrainedError, RvqstoreError
-from .storage import pack_codebooks, unpack_block
+from .storage import codes as codeblocks
+from .storage import pack_codebooks
 
 
 def fit(db, config, progress):
     """Train, encode everything and switch to the new version (the work of train/retrain)."""
     c = config
     n = db.count()
-    if n < c["codebook_size"]:
+    if n < c.codebook_size:
         raise NotTrainedError(
-            f"training needs at least codebook_size={c['codebook_size']} vectors, the store has {n}")
-    rng = np.random.default_rng(c["seed"])
+            f"training needs at least codebook_size={c.codebook_size} vectors, the store has {n}")
+    rng = np.random.default_rng(c.seed)
     all_ids = np.asarray(db.all_ids(), np.int64)
-    sample_ids = np.sort(rng.choice(all_ids, min(n, c["train_sample"]), replace=False))
+    sample_ids = np.sort(rng.choice(all_ids, min(n, c.train_sample), replace=False))
     blobs = db.fetch_vectors(sample_ids.tolist())
     sample = unpack([blobs[i] for i in sample_ids.tolist()], c)
-    rq = ResidualQuantizer.train(sample, stages=c["stages"], codebook_size=c["codebook_size"],
-                                 beam_width=c["train_beam"], seed=rng, progressive_dim=True,
+    rq = ResidualQuantizer.train(sample, stages=c.stages, codebook_size=c.codebook_size,
+                                 beam_width=c.train_beam, seed=rng, progressive_dim=True,
                                  n_iter=10, progress=progress)
-    codes = rq.encode(sample, beam_width=c["train_beam"])
+    codes = rq.encode(sample, beam_width=c.train_beam)
     train_mse = float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
     with db.write():
         version = db.next_version()
-        db.insert_codebooks(version, "building", c["stages"], c["codebook_size"], c["dim"],
+        db.insert_codebooks(version, "building", c.stages, c.codebook_size, c.dim,
                             pack_codebooks(rq.codebooks), len(sample), train_mse)
     # encode everything in batches, each committed: a crash leaves a 'building'
     # version that the next writer drops, and the active version untouched
     done, block, last = 0, 0, None
-    for ids, blobs in db.iter_vectors(batch=c["block_size"]):
+    for ids, blobs in db.iter_vectors(batch=c.block_size):
         report(progress, "encode", done, n)
-        cd = rq.encode(unpack(blobs, c), beam_width=c["train_beam"])
+        cd = rq.encode(unpack(blobs, c), beam_width=c.train_beam)
         last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
         with db.write():
             # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
@@ -50,14 +51,12 @@ def fit(db, config, progress):
         done += len(ids)
     with db.write():
         # vectors added meanwhile by another connection are encoded here, in the switch
-        covered = set()
-        for _, cnt, i, _, _ in db.read_blocks(version):
-            covered.update(np.frombuffer(i, "<i8").tolist())
+        covered = set(codeblocks.read_codes(db, version, c.stages)[0].tolist())
         live = db.all_ids()
         late = [i for i in live if i not in covered]
         if late:
             blobs = db.fetch_vectors(late)
-            cd = rq.encode(unpack([blobs[i] for i in late], c), beam_width=c["train_beam"])
+            cd = rq.encode(unpack([blobs[i] for i in late], c), beam_width=c.train_beam)
             new = (np.asarray(late, np.int64), cd, rq.norms(cd))
             if last is not None:  # keep every block but the last one full
                 new = tuple(np.concatenate([a, b]) for a, b in zip(last, new))
@@ -69,7 +68,7 @@ def fit(db, config, progress):
         db.set_codebook_state(version, "active")
         db.drop_versions(keep=version)
         db.set_meta(active_version=version)
-        if not c["keep_originals"]:
+        if not c.keep_originals:
             db.clear_originals()
     report(progress, "encode", n, n)
 
@@ -97,11 +96,11 @@ def check(db, config):
                 problems.append(f"active codebook version {version} is missing or not active")
                 return problems
             seen = []
-            for b, cnt, i, cd, nm in db.read_blocks(version):
-                try:
-                    seen.append(unpack_block(cnt, row["stages"], i, cd, nm)[0])
-                except RvqstoreError as exc:
-                    problems.append(f"block {b}: {exc}")
+            for b, block in codeblocks.each_block(db, version, row["stages"]):
+                if isinstance(block, RvqstoreError):
+                    problems.append(f"block {b}: {block}")
+                else:
+                    seen.append(block[0])
             ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
             if len(np.unique(ids)) != len(ids):
                 problems.append("an id appears twice in the code blocks")
@@ -110,7 +109,7 @@ def check(db, config):
                 problems.append(f"{len(live - in_blocks)} stored vectors have no codes")
             if in_blocks - live - dead:
                 problems.append(f"{len(in_blocks - live - dead)} codes belong to no vector")
-        if config["keep_originals"] or not version:
+        if config.keep_originals or not version:
             blobs = db.fetch_vectors(sorted(live)[:1000])
             try:
                 if blobs:

@@ -6,12 +6,13 @@ and appends their codes to the active version's blocks. :func:`compact` rewrites
 without the deleted vectors.
 """
 
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import _snapshot
-from ._config import meta_int
+from ._config import Config, meta_int
 from .errors import DimensionMismatchError, DuplicateError
 from .storage import pack_originals
 from .storage import codes as codeblocks
@@ -23,7 +24,7 @@ def report(progress, phase, done, total):
 
 
 def write_blocks(db, config, version, ids, codes, norms, first_block=0):
-    codeblocks.write_codes(db, version, ids, codes, norms, config["block_size"], first_block)
+    codeblocks.write_codes(db, version, ids, codes, norms, config.block_size, first_block)
 
 
 class Added(NamedTuple):
@@ -33,6 +34,7 @@ class Added(NamedTuple):
     out : int64 (n,) or None, with ``skip_existing_keys``: the stored ids of the rows
         skipped and -1 for the rows written
     x : float32 (m, dim), the rows written
+    config : the store's settings afterwards (an add may set the dimension)
     version : int, the active codebook version (0 before training)
     appended : see :func:`insert`
     fresh : bool, the caller's in-memory state was current when the transaction began
@@ -41,25 +43,26 @@ class Added(NamedTuple):
     ids: Optional[np.ndarray]
     out: Optional[np.ndarray]
     x: np.ndarray
+    config: Config
     version: Optional[int] = None
     appended: Optional[tuple] = None
     fresh: bool = False
 
 
-def add(db, config, x, ids, keys, *, skip_existing_keys, state, seen_version, progress):
+def add(db, config, x, ids, keys, *, skip_existing_keys, snap, seen_version, progress):
     """The rows ``x`` (checked; ``ids`` and ``keys`` checked or None) in one transaction.
 
-    ``config["dim"]`` is set when the store had no dimension yet.
+    A store without a dimension yet takes that of ``x`` (``Added.config`` has it).
     """
     with db.write():
-        fresh = state is not None and db.data_version() == seen_version
+        fresh = snap is not None and db.data_version() == seen_version
         meta = db.meta()
-        if config["dim"] is None:
+        if config.dim is None:
             if "dim" in meta and int(meta["dim"]) != x.shape[1]:
                 # another connection set the dimension first
                 raise DimensionMismatchError(
                     f"vectors have dim={x.shape[1]}, store has dim={meta['dim']}")
-            config["dim"] = x.shape[1]
+            config = replace(config, dim=x.shape[1])
             db.set_meta(dim=x.shape[1])
         out = None
         if keys is not None and skip_existing_keys:
@@ -70,14 +73,14 @@ def add(db, config, x, ids, keys, *, skip_existing_keys, state, seen_version, pr
                 x, keys = x[new], [k for k, f in zip(keys, new) if f]
                 ids = ids[new] if ids is not None else None
                 if not len(x):
-                    return Added(None, out, x)
-        ids, version, appended = insert(db, config, meta, x, ids, keys, state=state,
+                    return Added(None, out, x, config)
+        ids, version, appended = insert(db, config, meta, x, ids, keys, snap=snap,
                                         progress=progress)
     report(progress, "add", len(x), len(x))
-    return Added(ids, out, x, version, appended, fresh)
+    return Added(ids, out, x, config, version, appended, fresh)
 
 
-def insert(db, config, meta, x, ids, keys, *, state, progress):
+def insert(db, config, meta, x, ids, keys, *, snap, progress):
     """Store the rows ``x`` (inside ``db.write()``); returns ``(ids, version, appended)``.
 
     ``ids`` None numbers the rows from ``next_id``; ``keys`` may be None. ``appended`` is
@@ -98,18 +101,18 @@ def insert(db, config, meta, x, ids, keys, *, state, progress):
             raise DuplicateError(f"keys already in the store: {sorted(taken)[:5]}")
     version = meta_int(meta, "active_version")
     report(progress, "add", 0, m)
-    keep = config["keep_originals"] or not version
-    blobs = pack_originals(x, config["originals"]) if keep else [None] * m
+    keep = config.keep_originals or not version
+    blobs = pack_originals(x, config.originals) if keep else [None] * m
     db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
-    appended = _append_codes(db, config, state, version, x, ids, progress) if version else None
+    appended = _append_codes(db, config, snap, version, x, ids, progress) if version else None
     db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
     return ids, version, appended
 
 
-def _append_codes(db, config, state, version, x, ids, progress):
+def _append_codes(db, config, snap, version, x, ids, progress):
     row = db.codebooks_row(version)
-    rq = _snapshot.quantizer(state, version, row)
-    codes = rq.encode(x, beam_width=config["add_beam"], progress=progress)
+    rq = _snapshot.quantizer(snap, version, row)
+    codes = rq.encode(x, beam_width=config.add_beam, progress=progress)
     xh = rq.decode(codes)
     norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
     db.record_added_error(version, len(x), float(((x - xh) ** 2).sum()))
@@ -127,7 +130,7 @@ def _append_codes(db, config, state, version, x, ids, progress):
     appended = (codes, norms)
     last = codeblocks.read_last_block(db, version, row["stages"])
     start_block = 0 if last is None else last[0] + 1
-    if last is not None and len(last[1]) < config["block_size"]:
+    if last is not None and len(last[1]) < config.block_size:
         # top up the last, partly filled block
         start_block, lids, lcodes, lnorms = last
         ids = np.concatenate([lids, ids])
@@ -144,7 +147,7 @@ def compact(db, config, progress):
         dead = db.tombstones()
         if version and dead:
             report(progress, "compact", 0, 2)
-            ids, codes, norms, _ = codeblocks.read_codes(db, version, config["stages"])
+            ids, codes, norms, _ = codeblocks.read_codes(db, version, config.stages)
             keep = ~np.isin(ids, np.asarray(dead, np.int64))
             write_blocks(db, config, version, ids[keep], codes[keep], norms[keep])
             db.clear_tombstones()

@@ -105,7 +105,7 @@ class EmbeddingCache:
                                     "keep_originals=False is not possible")
         store = Store.open(path, dim=dim, metric=metric, **store_options)
         try:
-            if not store.config["keep_originals"]:
+            if not store.config.keep_originals:
                 raise ConfigMismatchError(f"{store.path} does not keep original vectors "
                                           "(keep_originals=False), which an embedding cache needs")
             _claim(store, model, readonly=bool(store_options.get("readonly")))

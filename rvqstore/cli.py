@@ -266,10 +266,10 @@ def create(db, dim, metric, stages, codebook_size, originals, no_originals):
                                       codebook_size=codebook_size, originals=originals,
                                       keep_originals=False if no_originals else None) as store:
         c = store.config
-        kept = c["originals"] if c["keep_originals"] else "dropped at training"
-        dim = f"dim={c['dim']}" if c["dim"] else "dim from the first add"
-        click.echo(f"Created {db}: {dim}, metric={c['metric']}, "
-                   f"{c['stages']} stages x {c['codebook_size']} codewords, originals {kept}")
+        kept = c.originals if c.keep_originals else "dropped at training"
+        dim = f"dim={c.dim}" if c.dim else "dim from the first add"
+        click.echo(f"Created {db}: {dim}, metric={c.metric}, "
+                   f"{c.stages} stages x {c.codebook_size} codewords, originals {kept}")
 
 
 @main.command()

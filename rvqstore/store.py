@@ -6,6 +6,8 @@ opening, input checks), ``_snapshot`` (the in-memory arrays searches scan), ``_w
 (adds and compaction) and ``_training`` (codebook versions and the consistency check).
 """
 
+import dataclasses
+
 import numpy as np
 
 from . import _config, _snapshot, _training, _writes
@@ -23,17 +25,6 @@ DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
 
 
-def _without(res, exclude, k):
-    """The first k results of each row whose id is not in ``exclude``, padded again."""
-    ids = np.full((len(res.ids), k), -1, np.int64)
-    dist = np.full((len(res.ids), k), np.inf, np.float32)
-    for r in range(len(res.ids)):
-        keep = (res.ids[r] >= 0) & ~np.isin(res.ids[r], exclude)
-        row_ids, row_d = res.ids[r][keep][:k], res.distances[r][keep][:k]
-        ids[r, :len(row_ids)], dist[r, :len(row_d)] = row_ids, row_d
-    return SearchResult(ids, dist)
-
-
 class Store:
     """A persistent vector store in one SQLite file.
 
@@ -46,7 +37,7 @@ class Store:
         self.config = config
         self._closed = False
         self._seen_version = None
-        self._state = None  # in-memory arrays, loaded lazily and refreshed on change
+        self._snap = None  # the in-memory index, loaded lazily and refreshed on change
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -98,7 +89,7 @@ class Store:
         """Close the file; safe to call twice."""
         if not self._closed:
             self._closed = True
-            self._state = None
+            self._snap = None
             self._db.close()
 
     def __enter__(self):
@@ -118,35 +109,46 @@ class Store:
 
     @property
     def dim(self):
-        return self.config["dim"]
+        return self.config.dim
 
     @property
     def metric(self):
-        return self.config["metric"]
+        return self.config.metric
 
     # -- in-memory state --------------------------------------------------------------------
 
     def _current(self):
-        """The in-memory arrays, refreshed when another connection has committed.
+        """The in-memory snapshot, refreshed when another connection has committed.
 
         Appends by others only touch the last code block and new ones, so a refresh reads
         just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``).
-        The keys of the dict are listed in :mod:`rvqstore._snapshot`.
         """
         db = self._live()
         dv = db.data_version()
-        if self._state is not None and dv == self._seen_version:
-            return self._state
+        if self._snap is not None and dv == self._seen_version:
+            return self._snap
         with db.read():
-            state = _snapshot.load(db, self.config, self._state)
-        self._state = state
+            snap = _snapshot.load(db, self.config, self._snap)
+        self._snap = snap
         # the version seen before the read: a commit landing meanwhile triggers one more
         # refresh rather than being missed
         self._seen_version = dv
-        return state
+        return snap
 
     def _invalidate(self):
-        self._state = None
+        self._snap = None
+
+    def code_index(self):
+        """The in-memory index searches use, as of now (for inspection and benchmarks).
+
+        Returns
+        -------
+        ExactIndex (untrained: ``ids``, ``vectors``, ``norms``) or FlatCodeIndex (trained:
+        ``rq``, ``ids`` int64 (n,), ``codes`` uint8 (n, stages), ``norms`` float32 (n,),
+        ``bias`` float32 (n,), +inf for deleted rows); both have ``nbytes``. Read-only:
+        the store updates it in place after its own writes.
+        """
+        return self._current().index
 
     def _unpack(self, blobs):
         return _config.unpack(blobs, self.config)
@@ -196,10 +198,11 @@ class Store:
             if len(np.unique(ids)) != n:
                 raise DuplicateError("ids contain duplicates")
         added = _writes.add(db, self.config, x, ids, keys, skip_existing_keys=skip_existing_keys,
-                            state=self._state, seen_version=self._seen_version, progress=progress)
+                            snap=self._snap, seen_version=self._seen_version, progress=progress)
+        self.config = added.config
         if added.ids is None:  # every key was stored already
             return added.out
-        if not _snapshot.after_add(self._state if added.fresh else None, self.config,
+        if not _snapshot.after_add(self._snap if added.fresh else None, self.config,
                                    added.version, added.x, added.ids, added.appended):
             self._invalidate()
         if added.out is not None:
@@ -217,13 +220,13 @@ class Store:
         if (ids is None) == (keys is None):
             raise InvalidInputError("give either ids or keys to delete")
         with db.write():
-            fresh = self._state is not None and db.data_version() == self._seen_version
+            fresh = self._snap is not None and db.data_version() == self._seen_version
             ids = _config.resolve(db, ids, keys)
             n = db.delete_vectors(ids.tolist())
             version = meta_int(db.meta(), "active_version")
             if version:
                 db.add_tombstones(ids.tolist())
-        if not _snapshot.after_delete(self._state if fresh else None, version, ids, n):
+        if not _snapshot.after_delete(self._snap if fresh else None, version, ids, n):
             self._invalidate()
         return n
 
@@ -242,7 +245,7 @@ class Store:
         The new version's codes are written in batches; readers keep searching the old
         version until the final transaction switches to the new one.
         """
-        if not self.config["keep_originals"] and meta_int(self._live().meta(), "active_version"):
+        if not self.config.keep_originals and meta_int(self._live().meta(), "active_version"):
             raise OriginalsMissingError(
                 "retrain() needs the original vectors and this store was created with "
                 "keep_originals=False")
@@ -341,32 +344,26 @@ class Store:
         single = np.ndim(queries) == 1
         q = self._vectors(queries, name="queries", allow_1d=True)
         k = check_k(k)
-        ex = None if exclude is None else np.unique(self._id_array(exclude, "exclude"))
-        want = k if ex is None else k + len(ex)
+        ex = None if exclude is None else self._id_array(exclude, "exclude")
         if rerank is None:
-            rerank = DEFAULT_RERANK if self.config["keep_originals"] else 1
+            rerank = DEFAULT_RERANK if self.config.keep_originals else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
             raise InvalidInputError(f"rerank must be an integer >= 1, got {rerank!r}")
-        if rerank > 1 and not self.config["keep_originals"]:
+        if rerank > 1 and not self.config.keep_originals:
             raise OriginalsMissingError("rerank needs the originals; this store does not keep them")
-        state = self._current()
-        if state["count"] == 0:
+        snap = self._current()
+        if snap.count == 0:
             raise EmptyStoreError(f"{db.path} holds no vectors")
-        if not state["version"]:
-            res = algo.exact_search(state["vectors"], q, k=want, metric=self.metric,
-                                    vector_norms=state["vector_norms"])
-            ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
-            res = SearchResult(ids, res.distances)
+        index = snap.index
+        allow = None if ex is None else ~np.isin(index.ids, ex)
+        if not snap.version:
+            res = index.search(q, k=k, allow=allow)
         else:
-            res = algo.adc_search(state["rq"], state["codes"], q, k=want * rerank,
-                                  metric=self.metric, bias=state["bias"])
-            ids = np.where(res.ids >= 0, state["ids"][np.maximum(res.ids, 0)], -1)
+            res = index.search(q, k=k * rerank, allow=allow)
             if rerank > 1:
-                res = algo.rerank(q, ids, self._fetch, k=want, metric=self.metric)
+                res = algo.rerank(q, res.ids, self._fetch, k=k, metric=self.metric)
             else:
-                res = SearchResult(ids, res.distances)
-        if ex is not None:
-            res = _without(res, ex, k)
+                res = SearchResult(res.ids[:, :k], res.distances[:, :k])
         keys = None
         if with_keys:
             found = db.keys_for_ids(np.unique(res.ids[res.ids >= 0]).tolist())
@@ -392,7 +389,7 @@ class Store:
         with db.read():
             meta = db.meta()
             version = meta_int(meta, "active_version")
-            out = {"path": db.path, "count": db.count(), **self.config,
+            out = {"path": db.path, "count": db.count(), **dataclasses.asdict(self.config),
                    "trained": bool(version), "codebook_version": version,
                    "deleted_pending_compact": len(db.tombstones()),
                    "bytes": db.bytes_by_part()}

@@ -84,7 +84,7 @@ def test_reopen_reads_configuration(store_path, vecs):
     with Store.open(store_path, dim=16, metric="ip", stages=3, codebook_size=16) as s:
         s.add(vecs)
     with Store.open(store_path) as s:
-        assert (s.dim, s.metric, s.config["stages"], len(s)) == (16, "ip", 3, 800)
+        assert (s.dim, s.metric, s.config.stages, len(s)) == (16, "ip", 3, 800)
     with pytest.raises(ConfigMismatchError, match="stages=8.*stages=3"):
         Store.open(store_path, stages=8)
     with pytest.raises(ConfigMismatchError, match="dim=32.*dim=16"):
@@ -293,18 +293,20 @@ def test_iter_yields_everything_in_id_order(trained, vecs):
 
 def test_own_writes_update_memory_without_full_reload(trained, vecs):
     trained.search(vecs[0], k=1)
-    state = trained._state
+    index = trained.code_index()
     new = trained.add(vecs[:3] + 50.0)
-    assert trained._state is state  # appended in place, not reloaded
+    assert trained.code_index() is index and len(index.ids) == 803  # appended in place
     res = trained.search(vecs[:3] + 50.0, k=1)
     np.testing.assert_array_equal(res.ids, new[:, None])
     with Store.open(trained.path) as other:  # a commit by another connection forces a reload
         other.add(vecs[:1] + 99.0)
     assert trained.search(vecs[0] + 99.0, k=1).ids[0] == 803
-    assert trained._state is not state
+    assert trained.code_index() is not index
 
 
-def test_reader_refresh_reads_only_the_tail(tmp_path):
+def test_reader_refresh_reads_only_the_tail(tmp_path, monkeypatch):
+    from rvqstore.storage import codes as codeblocks
+
     x = clustered(3000, 16, seed=6)
     path = tmp_path / "r.db"
     with Store.open(path, dim=16, stages=4, codebook_size=32, block_size=500) as w:
@@ -313,8 +315,9 @@ def test_reader_refresh_reads_only_the_tail(tmp_path):
         with Store.open(path, readonly=True) as r:
             r.search(x[0], k=1)
             calls = []
-            real = r._db.read_blocks
-            r._db.read_blocks = lambda v, first=0: calls.append(first) or real(v, first)
+            real = codeblocks.read_codes
+            monkeypatch.setattr(codeblocks, "read_codes",
+                                lambda db, v, s, first=0: calls.append(first) or real(db, v, s, first))
             w.add(x[2000:2600])          # appends: blocks 4 and 5
             assert r.search(x[2500], k=1).ids[0] == 2500
             assert calls == [3]           # from the last block it had, not from 0
@@ -327,20 +330,21 @@ def test_reader_refresh_reads_only_the_tail(tmp_path):
 
 def test_bias_mask_after_own_delete(trained, vecs):
     trained.search(vecs[0], k=1)
-    state = trained._state
+    index = trained.code_index()
     trained.delete([0, 1])
-    assert trained._state is state
+    assert trained.code_index() is index and np.isinf(index.bias[:2]).all()  # masked in place
     assert not np.isin([0, 1], trained.search(vecs[:2], k=5).ids).any()
 
 
-def test_vectors_added_during_retrain_are_encoded_at_the_switch(trained, store_path, vecs):
+def test_vectors_added_during_retrain_are_encoded_at_the_switch(store_path, vecs):
     extra = clustered(700, 16, centers=12, seed=77)
+    trained = Store.open(store_path, dim=16, stages=4, codebook_size=32, block_size=300)
+    trained.add(vecs)
+    trained.train()
     with Store.open(store_path) as other:
         def progress(phase, done, total):
             if phase == "encode" and done == 0:
                 other.add(extra)  # another connection commits mid-retrain
-        trained.config["block_size"] = 300
-        other.config["block_size"] = 300
         trained.retrain(progress=progress)
     assert trained.check() == []
     assert len(trained) == 1500
@@ -350,15 +354,22 @@ def test_vectors_added_during_retrain_are_encoded_at_the_switch(trained, store_p
     assert counts[:-1] == [300] * (len(counts) - 1)  # all but the last block full
     res = trained.search(extra[:20], k=1)
     assert (res.ids[:, 0] >= 800).all()
+    trained.close()
 
 
-def test_candidates_deleted_by_another_connection_are_dropped(trained, store_path, vecs):
-    trained.search(vecs[0], k=1)  # arrays loaded
-    with Store.open(store_path) as other:
-        other.delete([0])
-    # our arrays are refreshed on the next search, but the rerank fetch must also cope with
-    # rows vanishing between the scan and the fetch: simulate with a stale state
-    trained._seen_version = trained._db.data_version()
+def test_candidates_deleted_by_another_connection_are_dropped(trained, store_path, vecs,
+                                                             monkeypatch):
+    import rvqstore.algo
+
+    real = rvqstore.algo.rerank
+
+    def delete_between_scan_and_fetch(q, candidates, fetch, **kw):
+        assert 0 in candidates  # the scan saw it
+        with Store.open(store_path) as other:
+            other.delete([0])
+        return real(q, candidates, fetch, **kw)
+
+    monkeypatch.setattr(rvqstore.algo, "rerank", delete_between_scan_and_fetch)
     res = trained.search(vecs[0], k=3)
     assert 0 not in res.ids and (res.ids >= 0).all()
 

@@ -89,7 +89,7 @@ def exact_search(vectors, queries, *, k, metric="l2", batch=256, vector_norms=No
     return SearchResult(ids, dist)
 
 
-def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, threads_batch=True):
+def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None):
     """k nearest stored rows by ADC estimate.
 
     Parameters

@@ -7,6 +7,7 @@ rewrite bumps ``blocks_epoch`` in the meta table so that they know to re-read ev
 
 import numpy as np
 
+from ..errors import BadFileError
 from .blobs import pack_block, unpack_block
 
 
@@ -23,6 +24,16 @@ def read_codes(db, version, stages, first=0):
         return (*empty(stages), 0)
     ids, codes, norms = (np.concatenate(p) for p in zip(*parts))
     return ids, codes, norms, len(rows)
+
+
+def each_block(db, version, stages):
+    """Yield ``(block number, (ids, codes, norms))`` of ``version``, or the
+    ``BadFileError`` of a block that does not unpack in place of its arrays."""
+    for b, cnt, i, cd, nm in db.read_blocks(version):
+        try:
+            yield b, unpack_block(cnt, stages, i, cd, nm)
+        except BadFileError as exc:
+            yield b, exc
 
 
 def read_last_block(db, version, stages):
