@@ -1,10 +1,13 @@
 """The codec benchmark: the prototype's table on real data, with faiss side by side.
 
     python -m benchmarks.codec ../shared/data/wordnet-minilm [--no-faiss] [--quick]
+        [--repeats 3] [--limit N] [--queries N]
 
 Prints a markdown table: code bytes/vector, 10-recall@10, 1-recall@1, QPS single (one
-query per call) and batch, both on 1 thread, training seconds and encoding rate (2 threads),
-then the distortion per stage of RVQ S=16 and the target ratios. faiss, when installed
+query per call) and batch, both the median of ``--repeats`` timed passes on 1 thread (BLAS,
+OpenMP, numba and faiss limited and verified; the counts in force are printed above the
+table), training seconds and encoding rate (default threads, printed too), then the
+distortion per stage of RVQ S=16 and the target ratios. faiss, when installed
 (``pip install '.[bench]'``), is measured in the same run with the same thread limits.
 """
 
@@ -15,21 +18,26 @@ import numpy as np
 
 from rvqstore.algo import ProductQuantizer, ResidualQuantizer, adc_search, exact_search, rerank
 
-from .common import Threads, fmt, load_dataset, markdown_table, qps_batch, qps_single, recall
+from .common import (Threads, describe_threads, fmt, load_dataset, markdown_table, qps_batch,
+                     qps_single, recall, thread_counts)
 
 HEADERS = ["index", "code bytes/vec", "10-recall@10", "1-recall@1", "QPS single", "QPS batch",
            "train s", "encode vec/s", "recall decoded"]
 
 
-def measure(name, nbytes, search_one, search_all, base_queries, gt, train_s="", enc_rate="",
-            decoded=None, repeats=3):
-    with Threads(1):
+COLUMNS = ["index", "bytes", "r10", "r1", "single", "batch", "train", "enc", "decoded"]
+
+
+def measure(name, nbytes, search_one, search_all, base_queries, gt, repeats, train_s="",
+            enc_rate="", decoded=None, faiss=None):
+    with Threads(1, faiss) as threads:
         res = search_all(base_queries)
         single = qps_single(search_one, base_queries, repeats)
         batch = qps_batch(search_all, base_queries, repeats)
     row = dict(index=name, bytes=nbytes, r10=recall(res, gt, 10, 10), r1=recall(res, gt, 1, 1),
-               single=single, batch=batch, train=train_s, enc=enc_rate, decoded=decoded)
-    print("  " + " | ".join(fmt(v) for v in row.values()), flush=True)
+               single=single, batch=batch, train=train_s, enc=enc_rate, decoded=decoded,
+               threads=threads.describe())
+    print("  " + " | ".join(fmt(row[c]) for c in COLUMNS), flush=True)
     return row
 
 
@@ -37,7 +45,8 @@ def codec_rows(base, queries, gt, args):
     rows = []
     norms = np.einsum("ij,ij->i", base, base)
     flat = lambda q: exact_search(base, q, k=10, vector_norms=norms).ids
-    rows.append(measure("exact flat (numpy)", base.shape[1] * 4, flat, flat, queries, gt))
+    rows.append(measure("exact flat (numpy)", base.shape[1] * 4, flat, flat, queries, gt,
+                        args.repeats))
 
     for M in args.pq:
         t = time.perf_counter()
@@ -47,7 +56,8 @@ def codec_rows(base, queries, gt, args):
         codes = pq.encode(base)
         rate = len(base) / (time.perf_counter() - t)
         search = lambda q, pq=pq, codes=codes: adc_search(pq, codes, q, k=10).ids
-        rows.append(measure(f"PQ M={M}", M, search, search, queries, gt, train_s, rate))
+        rows.append(measure(f"PQ M={M}", M, search, search, queries, gt, args.repeats, train_s,
+                            rate))
 
     distortion = None
     for S in args.stages:
@@ -63,7 +73,8 @@ def codec_rows(base, queries, gt, args):
             search = lambda q, rq=rq, codes=codes, norms=norms: adc_search(
                 rq, codes, q, k=10, bias=norms).ids
             label = f"RVQ S={S} " + ("greedy" if beam == 1 else f"beam {beam}")
-            rows.append(measure(label, S + 4, search, search, queries, gt, train_s, rate, dec))
+            rows.append(measure(label, S + 4, search, search, queries, gt, args.repeats,
+                                train_s, rate, dec))
             if S == 16 and beam == args.beam:
                 distortion = rq.distortion_per_stage(base, codes)
             if S in args.rerank_stages and beam == args.rerank_beam:
@@ -72,7 +83,7 @@ def codec_rows(base, queries, gt, args):
                         cand = adc_search(rq, codes, q, k=10 * factor, bias=norms).ids
                         return rerank(q, cand, lambda ids: base[ids], k=10).ids
                     rows.append(measure(f"{label} + rerank x{factor}", S + 4, search_rr,
-                                        search_rr, queries, gt, train_s, rate))
+                                        search_rr, queries, gt, args.repeats, train_s, rate))
     return rows, distortion
 
 
@@ -94,9 +105,9 @@ def faiss_rows(base, queries, gt, args):
         if decoded:  # the stored codes ranked exactly: decode them, brute force
             codes = faiss.vector_to_array(index.codes).reshape(index.ntotal, index.code_size)
             dec = recall(exact_search(index.sa_decode(codes), queries, k=10).ids, gt)
-        with Threads(1, faiss):
-            search = lambda q: index.search(q, 10)[1]
-            rows.append(measure(name, nbytes, search, search, queries, gt, train_s, rate, dec))
+        search = lambda q: index.search(q, 10)[1]
+        rows.append(measure(name, nbytes, search, search, queries, gt, args.repeats, train_s,
+                            rate, dec, faiss=faiss))
         return index
 
     d = base.shape[1]
@@ -107,10 +118,9 @@ def faiss_rows(base, queries, gt, args):
     refine = faiss.IndexRefineFlat(rq)  # made empty, so both fill together
     refine.k_factor = 10
     run(name, rq, 16 + 4, decoded=True, via=refine)
-    with Threads(1, faiss):
-        search = lambda q: refine.search(q, 10)[1]
-        rows.append(measure("faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
-                            search, search, queries, gt))
+    search = lambda q: refine.search(q, 10)[1]
+    rows.append(measure("faiss IndexRefineFlat k_factor 10 over RQ M=16", 16 + 4,
+                        search, search, queries, gt, args.repeats, faiss=faiss))
     return rows
 
 
@@ -119,23 +129,26 @@ def main(argv=None):
     p.add_argument("dataset", help="folder with base.npy, queries.npy, gt_l2.npy")
     p.add_argument("--no-faiss", action="store_true", help="skip the faiss rows")
     p.add_argument("--quick", action="store_true", help="fewer rows, for a smoke run")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N base vectors")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N base vectors (ground truth recomputed)")
+    p.add_argument("--queries", type=int, default=None, help="use only the first N queries")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per QPS figure (median)")
     p.add_argument("--beam", type=int, default=5)
     args = p.parse_args(argv)
     args.pq = [8, 16, 32] if not args.quick else [16]
     args.stages = [4, 8, 16, 32] if not args.quick else [16]
     args.rerank_stages, args.rerank_beam, args.rerank = (8, 16), 1, (2, 4, 10)
 
-    base, queries, gt = load_dataset(args.dataset)
-    if args.limit:
-        base = base[: args.limit]
-        gt = exact_search(base, queries, k=10).ids
+    base, queries, gt = load_dataset(args.dataset, limit=args.limit, queries=args.queries)
     import numba
     import numpy
 
     print(f"# dataset {args.dataset}: base {base.shape}, queries {queries.shape}")
-    print(f"# numpy {numpy.__version__}, numba {numba.__version__}, cores {numba.config.NUMBA_NUM_THREADS}; "
-          "search on 1 thread, training and encoding on 2", flush=True)
+    print(f"# numpy {numpy.__version__}, numba {numba.__version__}, "
+          f"cores {numba.config.NUMBA_NUM_THREADS}; QPS: median of {args.repeats} timed passes",
+          flush=True)
+    print(f"# default threads (training, encoding): {describe_threads(thread_counts())}",
+          flush=True)
     rows, distortion = codec_rows(base, queries, gt, args)
     if not args.no_faiss:
         try:
@@ -146,7 +159,10 @@ def main(argv=None):
             rows += faiss_rows(base, queries, gt, args)
 
     print()
-    print(markdown_table(HEADERS, [[fmt(v) for v in r.values()] for r in rows]))
+    for described in dict.fromkeys(r["threads"] for r in rows):
+        print(f"Search threads in force: {described}")
+    print()
+    print(markdown_table(HEADERS, [[fmt(r[c]) for c in COLUMNS] for r in rows]))
     if distortion is not None:
         print()
         print(markdown_table(["stage", "MSE", "reduction from stage 1"],
