@@ -2,10 +2,10 @@
 
 from .algo import ProductQuantizer, ResidualQuantizer, SearchResult
 from .cache import EmbeddingCache
-from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DuplicateError,
-                     EmptyStoreError, InvalidInputError, NotTrainedError, OriginalsMissingError,
-                     ReadOnlyError, RvqstoreError, SchemaTooNewError, StoreClosedError,
-                     UnknownIdError)
+from .errors import (BadFileError, ConfigMismatchError, DimensionMismatchError, DiskFullError,
+                     DuplicateError, EmptyStoreError, InvalidInputError, LockedError,
+                     NotTrainedError, OriginalsMissingError, ReadOnlyError, RvqstoreError,
+                     SchemaTooNewError, StorageError, StoreClosedError, UnknownIdError)
 from .store import Store
 
 __version__ = "0.1.0"
@@ -14,4 +14,5 @@ __all__ = ["Store", "EmbeddingCache", "SearchResult", "ResidualQuantizer", "Prod
            "RvqstoreError", "InvalidInputError", "DimensionMismatchError", "DuplicateError",
            "UnknownIdError", "EmptyStoreError", "ConfigMismatchError", "StoreClosedError",
            "ReadOnlyError", "BadFileError", "SchemaTooNewError", "NotTrainedError",
-           "OriginalsMissingError", "__version__"]
+           "OriginalsMissingError", "StorageError", "DiskFullError", "LockedError",
+           "__version__"]

@@ -8,16 +8,40 @@ does distance math.
 """
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
 
 from . import algo
-from .algo.validate import as_matrix, check_metric
-from .errors import (BadFileError, ConfigMismatchError, InvalidInputError, OriginalsMissingError,
+from .algo.validate import METRICS, as_matrix
+from .errors import (BadFileError, ConfigMismatchError, DuplicateError, InvalidInputError,
+                     OriginalsMissingError,
                      RvqstoreError, UnknownIdError)
 from .storage import ORIGINAL_FORMATS, Database, unpack_originals
+
+MAX_DIM = 65536
+"""Largest vector dimension a store accepts (and believes of a file)."""
+
+MAX_META_INT = (1 << 63) - 1
+
+# field: (type, smallest, largest or choices); a file's values are checked against these
+# before anything is sized by them
+_RULES = {
+    "dim": (int, 1, MAX_DIM),
+    "metric": (str, METRICS),
+    "stages": (int, 1, 64),
+    "codebook_size": (int, 2, 256),
+    "keep_originals": (bool,),
+    "originals": (str, ORIGINAL_FORMATS),
+    "block_size": (int, 1, 1 << 20),
+    "train_beam": (int, 1, 256),
+    "add_beam": (int, 1, 256),
+    "train_sample": (int, 1, 1 << 31),
+    "seed": (int, 0, MAX_META_INT),
+}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -39,12 +63,16 @@ class Config:
     seed: int = 0
 
     @classmethod
-    def from_meta(cls, meta):
-        """The settings stored in ``meta`` (name -> text), defaults where absent."""
+    def from_meta(cls, meta, path):
+        """The settings stored in ``meta`` (name -> text), defaults where absent; a value
+        of the wrong type or out of range is a ``BadFileError`` naming it."""
+        if meta.get("format") != "1":
+            raise BadFileError(f"{path} has store format {meta.get('format')!r}, expected '1': "
+                               "the file is corrupted")
         values = {}
         for f in fields(cls):
             if f.name in meta:
-                values[f.name] = _parse(_TYPES[f.name], meta[f.name])
+                values[f.name] = _parse_stored(f.name, meta[f.name], path)
         return cls(**values)
 
     def to_meta(self):
@@ -53,40 +81,61 @@ class Config:
                 for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
     def validate(self):
-        """Refuse settings out of range, naming the value."""
-        check_metric(self.metric)
-        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
-            raise InvalidInputError(f"dim must be a positive integer, got {self.dim!r}")
-        if not 1 <= self.stages <= 64:
-            raise InvalidInputError(f"stages must be in [1, 64], got {self.stages}")
-        if not 2 <= self.codebook_size <= 256:
-            raise InvalidInputError(f"codebook_size must be in [2, 256], got {self.codebook_size}")
-        if self.originals not in ORIGINAL_FORMATS:
-            raise InvalidInputError(f"originals must be one of {', '.join(ORIGINAL_FORMATS)}, "
-                                    f"got {self.originals!r}")
-        for name in ("block_size", "train_beam", "add_beam", "train_sample"):
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Refuse settings of the wrong type or out of range, naming the value."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name == "dim":
+                continue
+            problem = _problem(f.name, value)
+            if problem:
+                raise InvalidInputError(problem)
         return self
 
 
-_TYPES = {"dim": int, "metric": str, "stages": int, "codebook_size": int, "keep_originals": bool,
-          "originals": str, "block_size": int, "train_beam": int, "add_beam": int,
-          "train_sample": int, "seed": int}
+def _problem(name, value):
+    """What is wrong with ``value`` for setting ``name``, or None."""
+    kind, *bounds = _RULES[name]
+    if kind is bool:
+        return None if isinstance(value, bool) else f"{name} must be True or False, got {value!r}"
+    if kind is str:
+        if value not in bounds[0]:
+            return f"{name} must be one of {', '.join(bounds[0])}, got {value!r}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return f"{name} must be an integer, got {value!r}"
+    if not bounds[0] <= value <= bounds[1]:
+        return f"{name} must be in [{bounds[0]}, {bounds[1]}], got {value}"
+    return None
 
 
-def _parse(kind, text):
-    return (text == "1") if kind is bool else kind(text)
+def _parse_stored(name, text, path):
+    kind = _RULES[name][0]
+    value = text
+    if kind is bool:
+        value = {"1": True, "0": False}.get(text, text)
+    elif kind is int:
+        value = int(text) if isinstance(text, str) and re.fullmatch(r"-?[0-9]{1,19}", text) \
+            else text
+    problem = _problem(name, value)
+    if problem:
+        raise BadFileError(f"{path} has a bad setting: {problem}")
+    return value
 
 
-def meta_int(meta, name):
-    """The integer meta value ``name``, 0 when absent."""
-    return int(meta.get(name, 0))
+def meta_int(meta, name, path="the store"):
+    """The integer meta value ``name`` in [0, 2**63 - 1], 0 when absent; anything else is a
+    ``BadFileError``."""
+    text = meta.get(name, "0")
+    if not (isinstance(text, str) and re.fullmatch(r"[0-9]{1,19}", text)) or \
+            int(text) > MAX_META_INT:
+        raise BadFileError(f"{path} has a bad {name}: {text!r}")
+    return int(text)
 
 
 # -- opening --------------------------------------------------------------------------------
 
-def open_database(path, given, *, readonly, create, mmap_originals):
+def open_database(path, given, *, readonly, create, mmap_originals, durable=True,
+                  timeout=10.0):
     """Open (or create) the file at ``path``; returns ``(db, config)``.
 
     ``given`` maps every :class:`Config` field to the value asked for, or None. On an
@@ -95,16 +144,16 @@ def open_database(path, given, *, readonly, create, mmap_originals):
     """
     dim = given["dim"]
     fresh = Config(**{k: v for k, v in given.items() if v is not None})
+    fresh.validate()
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         if not create and not readonly:
             raise BadFileError(f"{os.fspath(path)} does not exist")
-        fresh.validate()  # before a file is made: a refused open leaves none
-    db = Database(path, readonly=readonly, mmap_originals=mmap_originals)
+    db = Database(path, readonly=readonly, mmap_originals=mmap_originals, durable=durable,
+                  timeout=timeout)
     try:
         stored = db.meta()
         if not stored and not readonly:
             # create under the write lock: another process may be creating it right now
-            fresh.validate()
             with db.write():
                 stored = db.meta()
                 if not stored:
@@ -112,7 +161,9 @@ def open_database(path, given, *, readonly, create, mmap_originals):
                     stored = db.meta()
         if not stored:
             raise RvqstoreError(f"{db.path} is not initialised and was opened read-only")
-        config = Config.from_meta(stored)
+        config = Config.from_meta(stored, db.path)
+        for name in ("active_version", "next_id", "blocks_epoch"):
+            meta_int(stored, name, db.path)
         for name, value in given.items():
             have = getattr(config, name)
             if value is not None and have is not None and value != have:
@@ -148,7 +199,23 @@ def id_array(ids, name="ids"):
         arr = arr[None]
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise InvalidInputError(f"{name} must be a 1-D sequence of integers, got {arr.dtype} {arr.shape}")
+    if arr.size and arr.dtype == np.uint64 and int(arr.max()) > MAX_META_INT:
+        raise InvalidInputError(f"{name} must fit in int64, got {int(arr.max())}")
     return arr.astype(np.int64)
+
+
+def new_id_array(ids, n):
+    """Ids for ``n`` new rows: distinct, in [0, 2**63 - 2] (-1 pads search results)."""
+    ids = id_array(ids)
+    if len(ids) != n:
+        raise InvalidInputError(f"got {len(ids)} ids for {n} vectors")
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_META_INT - 1):
+        bad = int(ids[(ids < 0) | (ids > MAX_META_INT - 1)][0])
+        raise InvalidInputError(f"ids must be in [0, 2**63 - 2] (-1 marks a missing result), "
+                                f"got {bad}")
+    if len(np.unique(ids)) != n:
+        raise DuplicateError("ids contain duplicates")
+    return ids
 
 
 def key_list(keys, n, allow_none=False):
@@ -158,6 +225,13 @@ def key_list(keys, n, allow_none=False):
     bad = [k for k in keys if not isinstance(k, str) and not (allow_none and k is None)]
     if bad:
         raise InvalidInputError(f"keys must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    for k in keys:
+        if k is not None and not k.isascii():
+            try:
+                k.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidInputError(f"key {k!r} is not valid Unicode text ({exc.reason}): "
+                                        "keys are stored as UTF-8") from None
     return keys
 
 
@@ -180,8 +254,12 @@ def resolve(db, ids, keys):
 
 # -- stored originals -----------------------------------------------------------------------
 
-def unpack(blobs, config):
-    """Stored original blobs as float32 (n, dim); refused when the store keeps none."""
+def unpack(db, blobs, config, ids=None):
+    """Stored original blobs (of ``ids``, named in errors) as float32 (n, dim), their CRCs
+    checked; refused when the store keeps none."""
     if any(b is None for b in blobs):
         raise OriginalsMissingError("this store does not keep original vectors")
-    return unpack_originals(blobs, config.originals, config.dim)
+    try:
+        return unpack_originals(blobs, config.originals, config.dim, ids=ids, checked=db.checked)
+    except BadFileError as exc:
+        raise BadFileError(f"{db.path}: {exc}") from None

@@ -16,7 +16,9 @@ import numpy as np
 from ._config import Config, meta_int, unpack
 from .algo import ResidualQuantizer
 from .algo.index import ExactIndex, FlatCodeIndex
-from .storage import unpack_codebooks, unpack_originals
+from .errors import BadFileError
+from .storage import unpack_codebooks
+from .storage.blobs import unpack_concat
 from .storage import codes as codeblocks
 
 
@@ -45,8 +47,8 @@ def load(db, config: Config, old):
     just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``).
     """
     meta = db.meta()
-    version = meta_int(meta, "active_version")
-    epoch = meta_int(meta, "blocks_epoch")
+    version = meta_int(meta, "active_version", db.path)
+    epoch = meta_int(meta, "blocks_epoch", db.path)
     count = db.count()
     if not version:
         ids, vecs = load_all_originals(db, config)
@@ -55,12 +57,10 @@ def load(db, config: Config, old):
         first = max(old.nblocks - 1, 0)
         kept = old.index.truncated(first * config.block_size)
     else:
-        row = db.codebooks_row(version)
-        rq = ResidualQuantizer(unpack_codebooks(row["data"], row["stages"],
-                                                row["codebook_size"], row["dim"]))
         first = 0
-        kept = FlatCodeIndex(config.metric, rq, *codeblocks.empty(config.stages))
-    ids, codes, norms, nread = codeblocks.read_codes(db, version, config.stages, first)
+        kept = FlatCodeIndex(config.metric, codec(db, config, version),
+                             *codeblocks.empty(config.stages))
+    ids, codes, norms, nread = read_codes(db, config, version, first)
     kept.append(ids, codes, norms)
     dead = db.tombstones()
     if dead:
@@ -69,21 +69,50 @@ def load(db, config: Config, old):
 
 
 def load_all_originals(db, config):
-    ids, blobs = [], []
+    ids, parts = [], []
     for bid, bblobs in db.iter_vectors():
         ids += bid
-        blobs += bblobs
+        parts.append(unpack(db, bblobs, config, bid))
     if not ids:
         return np.empty(0, np.int64), np.empty((0, config.dim or 0), np.float32)
-    return np.asarray(ids, np.int64), unpack(blobs, config)
+    return np.asarray(ids, np.int64), np.concatenate(parts)
 
 
-def quantizer(snap, version, row):
+def layout(config):
+    return codeblocks.Layout(config.stages, config.codebook_size, config.block_size)
+
+
+def read_codes(db, config, version, first=0):
+    """The checked codes of ``version`` from block ``first`` on (see
+    :func:`rvqstore.storage.codes.read_codes`); errors name the file."""
+    try:
+        return codeblocks.read_codes(db, version, layout(config), first)
+    except BadFileError as exc:
+        raise BadFileError(f"{db.path}: {exc}") from None
+
+
+def codec(db, config, version, *, state="active"):
+    """The codec of codebook ``version``, after checking its row against the settings."""
+    row = db.codebooks_row(version)
+    if row is None or row["state"] != state:
+        raise BadFileError(f"{db.path}: codebook version {version} is missing or not {state}: "
+                           "the file is corrupted")
+    shape = (row["stages"], row["codebook_size"], row["dim"])
+    if shape != (config.stages, config.codebook_size, config.dim):
+        raise BadFileError(
+            f"{db.path}: codebook version {version} has shape {shape}, the store's settings "
+            f"say {(config.stages, config.codebook_size, config.dim)}: the file is corrupted")
+    try:
+        return ResidualQuantizer(unpack_codebooks(row["data"], *shape, row["checksum"]))
+    except BadFileError as exc:
+        raise BadFileError(f"{db.path}: codebook version {version}: {exc}") from None
+
+
+def quantizer(db, config, snap, version):
     """The codec of ``version``, reused from the in-memory snapshot when it matches."""
     if snap is not None and snap.version == version and version:
         return snap.index.rq
-    return ResidualQuantizer(unpack_codebooks(row["data"], row["stages"], row["codebook_size"],
-                                              row["dim"]))
+    return codec(db, config, version)
 
 
 # -- our own writes -------------------------------------------------------------------------
@@ -125,13 +154,17 @@ def fetch_originals(db, config, ids):
     if fmt != "zstd" and len(ids) <= 900:
         blob = db.fetch_concat(ids.tolist())
         if blob is not None:
-            return unpack_originals([blob], fmt, dim * len(ids)).reshape(len(ids), dim)
+            try:
+                return unpack_concat(blob, fmt, dim, ids, checked=db.checked)
+            except BadFileError as exc:
+                raise BadFileError(f"{db.path}: {exc}") from None
     # some candidates were deleted by another connection since our arrays were read:
     # NaN rows rank them last and rerank drops them
     blobs = db.fetch_vectors(ids.tolist())
     out = np.full((len(ids), dim), np.nan, np.float32)
     have = [j for j, i in enumerate(ids.tolist()) if i in blobs]
     if have:
-        out[have] = unpack([blobs[int(ids[j])] for j in have], config)
+        out[have] = unpack(db, [blobs[int(ids[j])] for j in have], config,
+                           [int(ids[j]) for j in have])
     return out
 

@@ -9,6 +9,7 @@ left behind; :func:`check` verifies the active version's blocks against the vect
 import numpy as np
 
 from ._config import meta_int, unpack
+from . import _snapshot
 from ._writes import report, write_blocks
 from .algo import ResidualQuantizer
 from .errors import NotTrainedError, RvqstoreError
@@ -27,7 +28,7 @@ def fit(db, config, progress):
     all_ids = np.asarray(db.all_ids(), np.int64)
     sample_ids = np.sort(rng.choice(all_ids, min(n, c.train_sample), replace=False))
     blobs = db.fetch_vectors(sample_ids.tolist())
-    sample = unpack([blobs[i] for i in sample_ids.tolist()], c)
+    sample = unpack(db, [blobs[i] for i in sample_ids.tolist()], c, sample_ids.tolist())
     rq = ResidualQuantizer.train(sample, stages=c.stages, codebook_size=c.codebook_size,
                                  beam_width=c.train_beam, seed=rng, progressive_dim=True,
                                  n_iter=10, progress=progress)
@@ -42,7 +43,7 @@ def fit(db, config, progress):
     done, block, last = 0, 0, None
     for ids, blobs in db.iter_vectors(batch=c.block_size):
         report(progress, "encode", done, n)
-        cd = rq.encode(unpack(blobs, c), beam_width=c.train_beam)
+        cd = rq.encode(unpack(db, blobs, c, ids), beam_width=c.train_beam)
         last = (np.asarray(ids, np.int64), cd, rq.norms(cd))
         with db.write():
             # first_block > 0 appends; block 0 of a brand-new version has nothing to replace
@@ -51,12 +52,12 @@ def fit(db, config, progress):
         done += len(ids)
     with db.write():
         # vectors added meanwhile by another connection are encoded here, in the switch
-        covered = set(codeblocks.read_codes(db, version, c.stages)[0].tolist())
+        covered = set(_snapshot.read_codes(db, c, version)[0].tolist())
         live = db.all_ids()
         late = [i for i in live if i not in covered]
         if late:
             blobs = db.fetch_vectors(late)
-            cd = rq.encode(unpack([blobs[i] for i in late], c), beam_width=c.train_beam)
+            cd = rq.encode(unpack(db, [blobs[i] for i in late], c, late), beam_width=c.train_beam)
             new = (np.asarray(late, np.int64), cd, rq.norms(cd))
             if last is not None:  # keep every block but the last one full
                 new = tuple(np.concatenate([a, b]) for a, b in zip(last, new))
@@ -74,7 +75,7 @@ def fit(db, config, progress):
 
 
 def drop_stale_builds(db):
-    active = meta_int(db.meta(), "active_version")
+    active = meta_int(db.meta(), "active_version", db.path)
     stale = db.stale_building_versions(active)
     if stale:
         with db.write():
@@ -83,22 +84,27 @@ def drop_stale_builds(db):
 
 
 def check(db, config):
-    """The store's own consistency check: a list of problems, empty when all is well."""
+    """The store's own consistency check: a list of problems, empty when all is well.
+
+    Beyond SQLite's ``integrity_check`` (pages and indexes) it reads every BLOB the store
+    wrote and verifies its CRC, sizes and values: codebooks, code blocks (codes within the
+    codebook, finite norms, each live vector coded once) and every original.
+    """
     problems = [p for p in db.integrity_check() if p != "ok"]
     with db.read():
         meta = db.meta()
-        version = meta_int(meta, "active_version")
+        version = meta_int(meta, "active_version", db.path)
         live = set(db.all_ids())
         dead = set(db.tombstones())
         if version:
-            row = db.codebooks_row(version)
-            if row is None or row["state"] != "active":
-                problems.append(f"active codebook version {version} is missing or not active")
-                return problems
+            try:
+                _snapshot.codec(db, config, version)
+            except RvqstoreError as exc:
+                problems.append(str(exc))
             seen = []
-            for b, block in codeblocks.each_block(db, version, row["stages"]):
+            for b, block in codeblocks.each_block(db, version, _snapshot.layout(config)):
                 if isinstance(block, RvqstoreError):
-                    problems.append(f"block {b}: {block}")
+                    problems.append(f"{db.path}: {block}")
                 else:
                     seen.append(block[0])
             ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
@@ -110,10 +116,10 @@ def check(db, config):
             if in_blocks - live - dead:
                 problems.append(f"{len(in_blocks - live - dead)} codes belong to no vector")
         if config.keep_originals or not version:
-            blobs = db.fetch_vectors(sorted(live)[:1000])
-            try:
-                if blobs:
-                    unpack(list(blobs.values()), config)
-            except RvqstoreError as exc:
-                problems.append(f"originals: {exc}")
+            for ids, blobs in db.iter_vectors():
+                for i, blob in zip(ids, blobs):  # one by one: name every bad row
+                    try:
+                        unpack(db, [blob], config, [i])
+                    except RvqstoreError as exc:
+                        problems.append(str(exc))
     return problems

@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _snapshot
-from ._config import Config, meta_int
-from .errors import DimensionMismatchError, DuplicateError
+from ._config import MAX_META_INT, Config, meta_int
+from .errors import DimensionMismatchError, DuplicateError, InvalidInputError
 from .storage import pack_originals
 from .storage import codes as codeblocks
 
@@ -88,8 +88,11 @@ def insert(db, config, meta, x, ids, keys, *, snap, progress):
     blocks, None when untrained or when the blocks were rewritten (a deleted id came back).
     """
     m = len(x)
-    next_id = meta_int(meta, "next_id")
+    next_id = meta_int(meta, "next_id", db.path)
     if ids is None:
+        if next_id > MAX_META_INT - m:
+            raise InvalidInputError(f"{db.path} has no ids left to number {m} new vectors "
+                                    f"from (next id {next_id}): give ids explicitly")
         ids = np.arange(next_id, next_id + m, dtype=np.int64)
     else:
         taken = db.existing_ids(ids.tolist())
@@ -105,13 +108,12 @@ def insert(db, config, meta, x, ids, keys, *, snap, progress):
     blobs = pack_originals(x, config.originals) if keep else [None] * m
     db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
     appended = _append_codes(db, config, snap, version, x, ids, progress) if version else None
-    db.set_meta(next_id=max(next_id, int(ids.max()) + 1))
+    db.set_meta(next_id=min(max(next_id, int(ids.max()) + 1), MAX_META_INT))
     return ids, version, appended
 
 
 def _append_codes(db, config, snap, version, x, ids, progress):
-    row = db.codebooks_row(version)
-    rq = _snapshot.quantizer(snap, version, row)
+    rq = _snapshot.quantizer(db, config, snap, version)
     codes = rq.encode(x, beam_width=config.add_beam, progress=progress)
     xh = rq.decode(codes)
     norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)
@@ -120,7 +122,7 @@ def _append_codes(db, config, snap, version, x, ids, progress):
     reused = [i for i in ids.tolist() if i in dead]
     if reused:
         # a deleted id comes back: its old codes must go before the new ones are written
-        old_ids, old_codes, old_norms, _ = codeblocks.read_codes(db, version, row["stages"])
+        old_ids, old_codes, old_norms, _ = _snapshot.read_codes(db, config, version)
         keep = ~np.isin(old_ids, np.asarray(reused, np.int64))
         db.clear_tombstones(reused)
         write_blocks(db, config, version, np.concatenate([old_ids[keep], ids]),
@@ -128,7 +130,7 @@ def _append_codes(db, config, snap, version, x, ids, progress):
                      np.concatenate([old_norms[keep], norms]))
         return None
     appended = (codes, norms)
-    last = codeblocks.read_last_block(db, version, row["stages"])
+    last = codeblocks.read_last_block(db, version, _snapshot.layout(config))
     start_block = 0 if last is None else last[0] + 1
     if last is not None and len(last[1]) < config.block_size:
         # top up the last, partly filled block
@@ -143,11 +145,11 @@ def _append_codes(db, config, snap, version, x, ids, progress):
 def compact(db, config, progress):
     """Rewrite the code blocks without the deleted vectors, then VACUUM the file."""
     with db.write():
-        version = meta_int(db.meta(), "active_version")
+        version = meta_int(db.meta(), "active_version", db.path)
         dead = db.tombstones()
         if version and dead:
             report(progress, "compact", 0, 2)
-            ids, codes, norms, _ = codeblocks.read_codes(db, version, config.stages)
+            ids, codes, norms, _ = _snapshot.read_codes(db, config, version)
             keep = ~np.isin(ids, np.asarray(dead, np.int64))
             write_blocks(db, config, version, ids[keep], codes[keep], norms[keep])
             db.clear_tombstones()

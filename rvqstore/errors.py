@@ -59,3 +59,15 @@ class SchemaTooNewError(BadFileError):
 
 class OriginalsMissingError(RvqstoreError, RuntimeError):
     """The operation needs the original vectors and the store does not keep them."""
+
+
+class StorageError(RvqstoreError, OSError):
+    """The file could not be read or written (an I/O error, or another SQLite failure)."""
+
+
+class DiskFullError(StorageError):
+    """A write did not fit on the disk (or in the file's size limit); it was rolled back."""
+
+
+class LockedError(StorageError, TimeoutError):
+    """Another connection held the file's write lock for longer than the store waits."""

@@ -7,6 +7,8 @@ opening, input checks), ``_snapshot`` (the in-memory arrays searches scan), ``_w
 """
 
 import dataclasses
+import os
+import functools
 
 import numpy as np
 
@@ -15,14 +17,24 @@ from . import algo
 from ._config import meta_int
 from .algo import SearchResult
 from .algo.validate import METRICS, check_k
-from .errors import (DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
+from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
                      StoreClosedError)
-from .storage import ORIGINAL_FORMATS
+from .storage import ORIGINAL_FORMATS, translate_errors
 
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
+
+
+def _translated(method):
+    """Let no SQLite error escape ``method`` unnamed: each becomes an ``RvqstoreError``
+    subclass naming the file (disk full, locked, I/O, corruption)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with translate_errors(self._db.path, self._db.timeout):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Store:
@@ -44,7 +56,8 @@ class Store:
     @classmethod
     def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
              keep_originals=None, originals=None, readonly=False, create=True, block_size=None,
-             train_beam=None, add_beam=None, train_sample=None, seed=None, mmap_originals=False):
+             train_beam=None, add_beam=None, train_sample=None, seed=None, mmap_originals=False,
+             durable=True, timeout=10.0):
         """Open the store at ``path``, creating it when missing (unless ``readonly``).
 
         Parameters
@@ -66,6 +79,12 @@ class Store:
             when add() encodes new vectors (default 1, greedy: see the README's measurements)
         train_sample : int, vectors sampled to fit the codebooks (default 65536)
         seed : int, seed of training
+        durable : bool, a commit that returned survives power loss (SQLite
+            ``synchronous=FULL``, the default); False syncs less (``NORMAL``: a killed
+            process still loses nothing, a power cut may lose the last commits), for bulk
+            loads
+        timeout : float, seconds to wait for another connection's write lock before a
+            ``LockedError`` (default 10)
 
         On an existing file the configuration is read from the file, and an argument
         that conflicts with it is an error naming both values.
@@ -74,16 +93,21 @@ class Store:
                      keep_originals=keep_originals, originals=originals, block_size=block_size,
                      train_beam=train_beam, add_beam=add_beam, train_sample=train_sample,
                      seed=seed)
-        db, config = _config.open_database(path, given, readonly=readonly, create=create,
-                                           mmap_originals=mmap_originals)
-        try:
-            store = cls(db, config)
-            if not readonly:
-                _training.drop_stale_builds(db)
-            return store
-        except BaseException:
-            db.close()
-            raise
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                not 0 <= timeout <= 86400:
+            raise InvalidInputError(f"timeout must be seconds in [0, 86400], got {timeout!r}")
+        with translate_errors(os.fspath(path), timeout):
+            db, config = _config.open_database(path, given, readonly=readonly, create=create,
+                                               mmap_originals=mmap_originals, durable=durable,
+                                               timeout=timeout)
+            try:
+                store = cls(db, config)
+                if not readonly:
+                    _training.drop_stale_builds(db)
+                return store
+            except BaseException:
+                db.close()
+                raise
 
     def close(self):
         """Close the file; safe to call twice."""
@@ -138,6 +162,7 @@ class Store:
     def _invalidate(self):
         self._snap = None
 
+    @_translated
     def code_index(self):
         """The in-memory index searches use, as of now (for inspection and benchmarks).
 
@@ -150,8 +175,8 @@ class Store:
         """
         return self._current().index
 
-    def _unpack(self, blobs):
-        return _config.unpack(blobs, self.config)
+    def _unpack(self, blobs, ids=None):
+        return _config.unpack(self._db, blobs, self.config, ids)
 
     # -- input checks -----------------------------------------------------------------------
 
@@ -164,6 +189,7 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------
 
+    @_translated
     def add(self, vectors, *, ids=None, keys=None, skip_existing_keys=False, progress=None):
         """Add vectors in one transaction; returns their ids.
 
@@ -192,11 +218,7 @@ class Store:
             if len(set(named)) != len(named):
                 raise DuplicateError("keys contain duplicates")
         if ids is not None:
-            ids = self._id_array(ids)
-            if len(ids) != n:
-                raise InvalidInputError(f"got {len(ids)} ids for {n} vectors")
-            if len(np.unique(ids)) != n:
-                raise DuplicateError("ids contain duplicates")
+            ids = _config.new_id_array(ids, n)
         added = _writes.add(db, self.config, x, ids, keys, skip_existing_keys=skip_existing_keys,
                             snap=self._snap, seen_version=self._seen_version, progress=progress)
         self.config = added.config
@@ -210,6 +232,7 @@ class Store:
             return added.out
         return added.ids
 
+    @_translated
     def delete(self, ids=None, *, keys=None):
         """Delete vectors by id or by key at once (one transaction); returns how many.
 
@@ -223,7 +246,7 @@ class Store:
             fresh = self._snap is not None and db.data_version() == self._seen_version
             ids = _config.resolve(db, ids, keys)
             n = db.delete_vectors(ids.tolist())
-            version = meta_int(db.meta(), "active_version")
+            version = meta_int(db.meta(), "active_version", db.path)
             if version:
                 db.add_tombstones(ids.tolist())
         if not _snapshot.after_delete(self._snap if fresh else None, version, ids, n):
@@ -232,6 +255,7 @@ class Store:
 
     # -- training ---------------------------------------------------------------------------
 
+    @_translated
     def train(self, *, progress=None):
         """Fit codebooks on (a sample of) the stored originals and encode every vector.
 
@@ -239,13 +263,14 @@ class Store:
         """
         return self._fit(progress)
 
+    @_translated
     def retrain(self, *, progress=None):
         """New codebooks from the originals, every vector re-encoded, switched atomically.
 
         The new version's codes are written in batches; readers keep searching the old
         version until the final transaction switches to the new one.
         """
-        if not self.config.keep_originals and meta_int(self._live().meta(), "active_version"):
+        if not self.config.keep_originals and meta_int(self._live().meta(), "active_version", self.path):
             raise OriginalsMissingError(
                 "retrain() needs the original vectors and this store was created with "
                 "keep_originals=False")
@@ -258,9 +283,11 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
 
+    @_translated
     def __len__(self):
         return self._live().count()
 
+    @_translated
     def get(self, ids=None, *, keys=None):
         """The stored originals, float32 (n, dim), in the order asked (cosine: normalised)."""
         db = self._live()
@@ -269,20 +296,23 @@ class Store:
         with db.read():
             ids = _config.resolve(db, ids, keys)
             blobs = db.fetch_vectors(ids.tolist())
-        return self._unpack([blobs[i] for i in ids.tolist()])
+        return self._unpack([blobs[i] for i in ids.tolist()], ids.tolist())
 
     def iter(self, *, batch_size=8192):
         """Yield ``(ids int64 (m,), keys list, vectors float32 (m, dim))`` over the whole
         store in id order, ``batch_size`` at a time (the originals; for export)."""
         db = self._live()
-        for ids, blobs in db.iter_vectors(batch=batch_size):
-            found = db.keys_for_ids(ids)
-            yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs))
+        with translate_errors(db.path, db.timeout):
+            for ids, blobs in db.iter_vectors(batch=batch_size):
+                found = db.keys_for_ids(ids)
+                yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs, ids))
 
+    @_translated
     def ids(self):
         """Every stored id, ascending (int64)."""
         return np.asarray(self._live().all_ids(), np.int64)
 
+    @_translated
     def ids_for_keys(self, keys, *, missing="raise"):
         """Ids of ``keys`` (int64). Unknown keys raise ``UnknownIdError``, or with
         ``missing="skip"`` get id -1."""
@@ -297,11 +327,13 @@ class Store:
 
     _USER = "user."
 
+    @_translated
     def user_meta(self):
         """The application's own key/value strings kept in the file (``set_user_meta``)."""
         meta = self._live().meta()
         return {k[len(self._USER):]: v for k, v in meta.items() if k.startswith(self._USER)}
 
+    @_translated
     def set_user_meta(self, name, value, *, only_if_absent=False):
         """Keep ``name = value`` (strings) in the file, in one transaction; returns the value
         stored afterwards (with ``only_if_absent``, an existing value wins and is returned)."""
@@ -315,12 +347,14 @@ class Store:
             db.set_meta(**{self._USER + name: value})
         return value
 
+    @_translated
     def keys(self, ids):
         """Keys of ``ids`` (None where a vector has no key)."""
         wanted = self._id_array(ids).tolist()
         found = self._live().keys_for_ids(wanted)
         return [found.get(i) for i in wanted]
 
+    @_translated
     def search(self, queries, *, k=10, rerank=None, with_keys=False, exclude=None):
         """The k nearest stored vectors of each query.
 
@@ -378,23 +412,28 @@ class Store:
 
     # -- maintenance ------------------------------------------------------------------------
 
+    @_translated
     def compact(self, *, progress=None):
         """Free the space of deleted vectors: rewrite the code blocks, then VACUUM the file."""
         _writes.compact(self._live(), self.config, progress)
         self._invalidate()
 
+    @_translated
     def info(self):
         """Counts, configuration, codebook version and error, and bytes on disk by part."""
         db = self._live()
         with db.read():
             meta = db.meta()
-            version = meta_int(meta, "active_version")
+            version = meta_int(meta, "active_version", db.path)
             out = {"path": db.path, "count": db.count(), **dataclasses.asdict(self.config),
                    "trained": bool(version), "codebook_version": version,
                    "deleted_pending_compact": len(db.tombstones()),
                    "bytes": db.bytes_by_part()}
             if version:
                 row = db.codebooks_row(version)
+                if row is None:
+                    raise BadFileError(f"{db.path}: active codebook version {version} is "
+                                       "missing: the file is corrupted")
                 out["train_mse"] = row["train_mse"]
                 out["trained_at"] = row["created_at"]
                 out["added_since_training"] = row["added_count"]
@@ -402,6 +441,7 @@ class Store:
                                     if row["added_count"] else None)
         return out
 
+    @_translated
     def check(self):
         """The store's own consistency check: a list of problems, empty when all is well."""
         return _training.check(self._live(), self.config)

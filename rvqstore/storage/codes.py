@@ -3,7 +3,11 @@
 Every block but the last holds ``block_size`` vectors, so block ``b`` starts at row
 ``b * block_size``; readers rely on it to re-read only the tail after appends. A full
 rewrite bumps ``blocks_epoch`` in the meta table so that they know to re-read everything.
+Every block read is checked (sizes, CRC, code range, finite norms, its place in the
+sequence) before its arrays are used.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,37 +15,60 @@ from ..errors import BadFileError
 from .blobs import pack_block, unpack_block
 
 
+class Layout(NamedTuple):
+    """How a version's blocks must look: ``stages`` codes per vector, each below
+    ``codebook_size``, ``block_size`` vectors in every block but the last."""
+
+    stages: int
+    codebook_size: int
+    block_size: int
+
+
 def empty(stages):
     return np.empty(0, np.int64), np.empty((0, stages), np.uint8), np.empty(0, np.float32)
 
 
-def read_codes(db, version, stages, first=0):
+def _unpack(row, layout, expect_block, last):
+    b, cnt, i, cd, nm, crc = row
+    if b != expect_block:
+        raise BadFileError(f"code block {expect_block} is missing (found block {b!r}): "
+                           "the file is corrupted")
+    if not isinstance(cnt, int) or not 0 < cnt <= layout.block_size or \
+            (not last and cnt != layout.block_size):
+        raise BadFileError(f"code block {b} claims {cnt!r} vectors with block_size="
+                           f"{layout.block_size}: the file is corrupted")
+    return unpack_block(cnt, layout.stages, i, cd, nm, crc,
+                        codebook_size=layout.codebook_size, block=b)
+
+
+def read_codes(db, version, layout, first=0):
     """(ids int64 (n,), codes uint8 (n, stages), norms float32 (n,), blocks read) of
     ``version`` from block ``first`` on."""
     rows = db.read_blocks(version, first)
-    parts = [unpack_block(cnt, stages, i, cd, nm) for _, cnt, i, cd, nm in rows]
+    parts = [_unpack(r, layout, first + j, j == len(rows) - 1) for j, r in enumerate(rows)]
     if not parts:
-        return (*empty(stages), 0)
+        return (*empty(layout.stages), 0)
     ids, codes, norms = (np.concatenate(p) for p in zip(*parts))
     return ids, codes, norms, len(rows)
 
 
-def each_block(db, version, stages):
+def each_block(db, version, layout):
     """Yield ``(block number, (ids, codes, norms))`` of ``version``, or the
-    ``BadFileError`` of a block that does not unpack in place of its arrays."""
-    for b, cnt, i, cd, nm in db.read_blocks(version):
+    ``BadFileError`` of a block that does not pass its checks in place of its arrays."""
+    rows = db.read_blocks(version)
+    for j, row in enumerate(rows):
         try:
-            yield b, unpack_block(cnt, stages, i, cd, nm)
+            yield row[0], _unpack(row, layout, j, j == len(rows) - 1)
         except BadFileError as exc:
-            yield b, exc
+            yield row[0], exc
 
 
-def read_last_block(db, version, stages):
+def read_last_block(db, version, layout):
     """(block number, ids, codes, norms) of the last block, or None."""
     last = db.last_block(version)
     if last is None:
         return None
-    return (last[0], *unpack_block(last[1], stages, *last[2:]))
+    return (last[0], *_unpack(last, layout, last[0], True))
 
 
 def write_codes(db, version, ids, codes, norms, block_size, first_block=0):

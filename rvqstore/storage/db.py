@@ -11,25 +11,53 @@ import time
 
 import sqlite_utils
 
-from ..errors import BadFileError, ReadOnlyError
-from . import migrations
+from ..errors import (BadFileError, DiskFullError, LockedError, ReadOnlyError, RvqstoreError,
+                      StorageError)
+from . import migrations, schema
+from .blobs import checksum
 
 APPLICATION_ID = 0x52565153  # "RVQS" in the SQLite header marks the file as a store
 MMAP_BYTES = 1 << 30
 PAGE_BYTES = 8192
+BUSY_SECONDS = 10.0
 
 
-def _classify(exc, path):
-    """Turn SQLite's errors about the file itself into rvqstore errors."""
+def _classify(exc, path, timeout=BUSY_SECONDS):
+    """The rvqstore error for an SQLite error on the file at ``path``."""
     msg = str(exc)
-    if isinstance(exc, sqlite3.DatabaseError) and (
-            "not a database" in msg or "malformed" in msg or "disk image" in msg):
+    if isinstance(exc, RvqstoreError):
+        return exc
+    if "not a database" in msg or "malformed" in msg or "disk image" in msg:
         return BadFileError(f"{path} is not an rvqstore file or is corrupted ({msg})")
     if "readonly" in msg or "read-only" in msg:
         return ReadOnlyError(f"{path} cannot be written ({msg})")
     if "unable to open" in msg:
         return BadFileError(f"cannot open {path} ({msg}): does its folder exist?")
-    return exc
+    if "locked" in msg or "busy" in msg:
+        return LockedError(
+            f"{path} is locked: another connection (this process or another) held its write "
+            f"lock for more than {timeout:g} s; SQLite does not say which ({msg})")
+    if "full" in msg:
+        return DiskFullError(f"{path}: the disk is full or the file reached its size limit; "
+                             f"the write was rolled back ({msg})")
+    return StorageError(f"{path}: {msg}")
+
+
+@contextlib.contextmanager
+def translate_errors(path, timeout=BUSY_SECONDS):
+    """Raise SQLite's errors on the file at ``path`` as rvqstore errors naming it
+    (``timeout``: how long a lock was waited for)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise _classify(exc, path, timeout) from exc
+
+
+def _harden(conn):
+    """Pragmas every connection to a store file runs first: schema code may not call
+    functions with side effects, and cell sizes are checked while reading pages."""
+    conn.execute("PRAGMA trusted_schema = OFF")
+    conn.execute("PRAGMA cell_size_check = ON")
 
 
 def _check_header(path):
@@ -48,7 +76,7 @@ def _check_header(path):
         raise BadFileError(f"{path} is truncated: {size} bytes, its header says {page * pages}")
 
 
-def _retry_locked(fn, seconds=10.0):
+def _retry_locked(fn, seconds=BUSY_SECONDS):
     """Run ``fn``, retrying while another process holds the lock: switching the journal
     mode does not wait on SQLite's busy handler, as other statements do."""
     deadline = time.monotonic() + seconds
@@ -70,11 +98,14 @@ class Database:
     readonly : bool, open without write access (many readers may do so at once)
     """
 
-    def __init__(self, path, *, readonly=False, mmap_originals=False):
+    def __init__(self, path, *, readonly=False, mmap_originals=False, durable=True,
+                 timeout=BUSY_SECONDS):
         self.path = os.fspath(path)
+        self.timeout = timeout
         self.readonly = readonly
         self.mmap_originals = mmap_originals
         self._orig = None
+        self.schema_version = 0
         exists = os.path.exists(self.path)
         if not readonly and exists and not os.stat(self.path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
             raise ReadOnlyError(f"{self.path} is a read-only file: open it with readonly=True")
@@ -89,41 +120,50 @@ class Database:
             else:
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.conn = conn
+            _harden(conn)
             self.db = sqlite_utils.Database(conn)
             if not exists or os.path.getsize(self.path) == 0:
                 # 8 KiB pages hold five 384-d float32 originals with little slack; SQLite's
                 # default 4 KiB holds two, wasting a quarter of the file
                 conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
-            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             self._check_identity()
             if not readonly:
-                _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
-                conn.execute("PRAGMA synchronous = NORMAL")  # WAL: safe against a killed process
+                _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"), timeout)
+                # FULL: a commit returned to the caller survives power loss (the WAL is
+                # synced at every commit); NORMAL survives a killed process only
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 migrations.apply_pending(conn, self.path)
+                self.schema_version = migrations.LATEST
                 if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.conn.close()
-            raise _classify(exc, self.path) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise _classify(exc, self.path, timeout) from exc
+            raise
+
+    @property
+    def checked(self):
+        """Whether the file's BLOBs carry CRCs (schema 2 on; a read-only open of an older
+        file reads it as it is)."""
+        return self.schema_version >= 2
 
     def _check_identity(self):
         # one snapshot: another process may be creating the schema right now
         self.conn.execute("BEGIN")
         try:
             app = self.conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = set(self.db.table_names())
-            version = migrations.applied_version(self.conn)
+            if app not in (0, APPLICATION_ID):
+                raise BadFileError(f"{self.path} is an SQLite file but not an rvqstore store")
+            version = schema.verify(self.conn, self.path)
         finally:
-            self.conn.execute("COMMIT")
-        if app not in (0, APPLICATION_ID) or (tables and "rvq_migrations" not in tables):
-            raise BadFileError(f"{self.path} is an SQLite file but not an rvqstore store")
-        migrations.check_not_newer(version, self.path)
+            self.conn.execute("ROLLBACK")
         if self.readonly and version == 0:
             raise BadFileError(f"{self.path} is not an rvqstore store (no schema)")
-        if version and not {"rvq_meta", "rvq_vectors", "rvq_blocks", "rvq_codebooks"} <= tables:
-            raise BadFileError(f"{self.path} is missing rvqstore tables: the file is corrupted")
+        self.schema_version = version
 
     def close(self):
         if self._orig is not None:
@@ -140,21 +180,21 @@ class Database:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _classify(exc, self.path) from exc
+            raise _classify(exc, self.path, self.timeout) from exc
         try:
             yield self
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise _classify(exc, self.path) from exc
+                raise _classify(exc, self.path, self.timeout) from exc
             raise
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
-            raise _classify(exc, self.path) from exc
+            raise _classify(exc, self.path, self.timeout) from exc
 
     @contextlib.contextmanager
     def read(self):
@@ -162,10 +202,16 @@ class Database:
         if self.conn.in_transaction:
             yield self
             return
-        self.conn.execute("BEGIN")
+        with translate_errors(self.path, self.timeout):
+            self.conn.execute("BEGIN")
         try:
             yield self
-        finally:
+        except BaseException:
+            # ending the snapshot must not replace the error that ended it
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        with translate_errors(self.path, self.timeout):
             self.conn.execute("COMMIT")
 
     def data_version(self):
@@ -176,7 +222,7 @@ class Database:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.DatabaseError as exc:
-            raise _classify(exc, self.path) from exc
+            raise _classify(exc, self.path, self.timeout) from exc
 
     # -- meta -------------------------------------------------------------------------------
 
@@ -231,9 +277,10 @@ class Database:
         if self._orig is None:
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
+            _harden(conn)
             conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES if self.mmap_originals else 0}")
             conn.execute("PRAGMA cache_size = -8192")
-            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             self._orig = conn
         return self._orig
 
@@ -246,7 +293,7 @@ class Database:
             blob, n = self._originals_conn().execute(
                 sql.format(",".join("?" * len(ids))), ids).fetchone()
         except sqlite3.DatabaseError as exc:
-            raise _classify(exc, self.path) from exc
+            raise _classify(exc, self.path, self.timeout) from exc
         return blob if n == len(ids) else None
 
     def delete_vectors(self, ids):
@@ -293,13 +340,20 @@ class Database:
     def insert_codebooks(self, version, state, stages, size, dim, data, train_count, train_mse):
         self.conn.execute(
             "INSERT INTO rvq_codebooks (version, state, stages, codebook_size, dim, data, "
-            "created_at, train_count, train_mse) VALUES (?, ?, ?, ?, ?, ?, datetime('now'), ?, ?)",
-            (version, state, stages, size, dim, data, train_count, train_mse))
+            "created_at, train_count, train_mse, checksum) "
+            "VALUES (?, ?, ?, ?, ?, ?, datetime('now'), ?, ?, ?)",
+            (version, state, stages, size, dim, data, train_count, train_mse, checksum(data)))
 
     def codebooks_row(self, version):
+        """The row of codebook ``version`` as a dict (``checksum`` None before schema 2),
+        or None."""
         cur = self.query("SELECT * FROM rvq_codebooks WHERE version = ?", (version,))
         row = cur.fetchone()
-        return None if row is None else dict(zip([c[0] for c in cur.description], row))
+        if row is None:
+            return None
+        out = dict(zip([c[0] for c in cur.description], row))
+        out.setdefault("checksum", None)
+        return out
 
     def next_version(self):
         return self.query("SELECT COALESCE(MAX(version), 0) + 1 FROM rvq_codebooks").fetchone()[0]
@@ -326,19 +380,25 @@ class Database:
         self.conn.execute("DELETE FROM rvq_blocks WHERE version = ?", (version,))
         self.conn.execute("DELETE FROM rvq_codebooks WHERE version = ?", (version,))
 
-    def write_block(self, version, block, count, ids, codes, norms):
-        self.conn.execute("INSERT OR REPLACE INTO rvq_blocks VALUES (?, ?, ?, ?, ?, ?)",
-                          (version, block, count, ids, codes, norms))
+    def write_block(self, version, block, count, ids, codes, norms, crc):
+        self.conn.execute("INSERT OR REPLACE INTO rvq_blocks (version, block, count, ids, codes, "
+                          "norms, checksum) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (version, block, count, ids, codes, norms, crc))
+
+    def _block_columns(self):
+        return "block, count, ids, codes, norms, " + ("checksum" if self.checked else "NULL")
 
     def read_blocks(self, version, first=0):
-        """Rows (block, count, ids, codes, norms) of ``version`` from block ``first`` on."""
-        return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks "
+        """Rows (block, count, ids, codes, norms, checksum) of ``version`` from block
+        ``first`` on (checksum None before schema 2)."""
+        return self.query(f"SELECT {self._block_columns()} FROM rvq_blocks "
                           "WHERE version = ? AND block >= ? ORDER BY block",
                           (version, first)).fetchall()
 
     def last_block(self, version):
-        """(block, count, ids, codes, norms) of the highest block of ``version``, or None."""
-        return self.query("SELECT block, count, ids, codes, norms FROM rvq_blocks WHERE version = ? "
+        """(block, count, ids, codes, norms, checksum) of the highest block of ``version``,
+        or None."""
+        return self.query(f"SELECT {self._block_columns()} FROM rvq_blocks WHERE version = ? "
                           "ORDER BY block DESC LIMIT 1", (version,)).fetchone()
 
     def delete_blocks(self, version):

@@ -10,6 +10,7 @@ import re
 import sqlite3
 
 from ..errors import SchemaTooNewError
+from .blobs import checksum
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -54,12 +55,13 @@ def check_not_newer(version, path):
             "upgrade rvqstore to open it (the file was left untouched)")
 
 
-def apply_pending(conn, path):
-    """Apply every migration newer than the file's, each in its own transaction."""
+def apply_pending(conn, path, *, upto=None, progress=None):
+    """Apply every migration newer than the file's (up to ``upto``), each in its own
+    transaction with its record and its backfill."""
     current = applied_version(conn)
     check_not_newer(current, path)
     for version, name, file in MIGRATIONS:
-        if version <= current:
+        if version <= current or (upto is not None and version > upto):
             continue
         sql = file.read_text(encoding="utf-8")
         conn.execute("BEGIN IMMEDIATE")
@@ -71,12 +73,42 @@ def apply_pending(conn, path):
             # executescript would commit first; run statement by statement in our transaction
             for stmt in _statements(sql):
                 conn.execute(stmt)
+            if version in BACKFILLS:
+                BACKFILLS[version](conn, progress)
             conn.execute("INSERT INTO rvq_migrations VALUES (?, ?, datetime('now'))",
                          (version, name))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def _add_checksums(conn, progress):
+    """Schema 2: CRC-32 of every codebook and block, and appended to every original."""
+    for version, data in conn.execute("SELECT version, data FROM rvq_codebooks").fetchall():
+        conn.execute("UPDATE rvq_codebooks SET checksum = ? WHERE version = ?",
+                     (checksum(data), version))
+    for v, b, i, c, n in conn.execute(
+            "SELECT version, block, ids, codes, norms FROM rvq_blocks").fetchall():
+        conn.execute("UPDATE rvq_blocks SET checksum = ? WHERE version = ? AND block = ?",
+                     (checksum(i, c, n), v, b))
+    total = conn.execute("SELECT COUNT(*) FROM rvq_vectors").fetchone()[0]
+    last, done = -(1 << 63), 0
+    while True:
+        rows = conn.execute("SELECT id, vector FROM rvq_vectors WHERE id > ? ORDER BY id "
+                            "LIMIT 8192", (last,)).fetchall()
+        if not rows:
+            break
+        conn.executemany("UPDATE rvq_vectors SET vector = ? WHERE id = ?",
+                         [(bytes(vec) + checksum(vec).to_bytes(4, "little"), i)
+                          for i, vec in rows if vec is not None])
+        last, done = rows[-1][0], done + len(rows)
+        if progress is not None:
+            progress("upgrade", done, total)
+
+
+BACKFILLS = {2: _add_checksums}
+"""Migrations whose SQL is followed by a Python step, in the same transaction."""
 
 
 def _statements(sql):
