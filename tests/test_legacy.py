@@ -35,3 +35,14 @@ def test_legacy_v1_store_opens_upgrades_and_searches(tmp_path, name):
         assert s.search(queries[0] + 10.0, k=1).ids[0] == new[0]
     with Store.open(path, readonly=True) as r:  # the upgraded file reopens as it is
         assert len(r) == want["count"] + 2
+
+
+def test_legacy_v1_store_reads_read_only_without_upgrading(tmp_path):
+    path = tmp_path / "ro.db"
+    shutil.copy(FIXTURES / "legacy-v1-trained.db", path)
+    before = path.read_bytes()
+    queries = np.asarray(EXPECTED["queries"], np.float32)
+    with Store.open(path, readonly=True) as r:  # no CRCs to check in schema 1
+        np.testing.assert_array_equal(r.search(queries, k=5).ids, EXPECTED["trained"]["ids"])
+        assert r.get([0]).shape == (1, 16)
+    assert path.read_bytes() == before
