@@ -3,8 +3,10 @@
 What ``rvqstore bench`` runs. A dataset folder holds ``base.npy`` (n, dim), ``queries.npy``
 (nq, dim) and ``gt_l2.npy`` (nq, >= 10) of exact neighbour ids, as in the project's
 benchmark protocol. The store is built in a temporary folder (add, train), then searched
-one query per call on one thread, median of ``repeats`` runs. The full comparison with
-other indexes lives in ``benchmarks/``; this is the quick check of one configuration.
+one query per call with numba and BLAS limited to one thread where that can be done (the
+result says how many threads there were), median of ``repeats`` runs. The time spent in
+the progress callback is left out of every timing. The full comparison with other indexes
+lives in ``benchmarks/``; this is the quick check of one configuration.
 """
 
 import contextlib
@@ -12,7 +14,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -66,24 +68,56 @@ def recall_10_at_10(found, gt):
                           for f, t in zip(found, gt)]))
 
 
+class Threads(NamedTuple):
+    """Threads in use: ``numba``'s, and the most of any BLAS or OpenMP pool as threadpoolctl
+    reports them (``blas`` None when threadpoolctl is not installed: not known)."""
+
+    numba: int
+    blas: Optional[int]
+
+
 @contextlib.contextmanager
 def one_thread():
-    """Numba (and BLAS, when threadpoolctl is installed) limited to one thread."""
+    """Limit numba, and BLAS and OpenMP when threadpoolctl is installed, to one thread;
+    yield the :class:`Threads` then in use, read back rather than assumed."""
     import numba
 
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        from threadpoolctl import threadpool_limits
+        import threadpoolctl
     except ImportError:
-        limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(1)
+        threadpoolctl = None
+    limits = threadpoolctl.threadpool_limits(1) if threadpoolctl else contextlib.nullcontext()
     try:
         with limits:
-            yield
+            blas = None
+            if threadpoolctl:  # no pool loaded: nothing to start threads
+                blas = max((p["num_threads"] for p in threadpoolctl.threadpool_info()),
+                           default=1)
+            yield Threads(numba.get_num_threads(), blas)
     finally:
         numba.set_num_threads(before)
+
+
+class _Untimed:
+    """Calls ``progress`` and adds up the seconds spent in it, to take out of a timing."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.seconds = 0.0
+
+    def __call__(self, phase, done, total):
+        if self.progress is not None:
+            t = time.perf_counter()
+            self.progress(phase, done, total)
+            self.seconds += time.perf_counter() - t
+
+    def timed(self, fn, *args, **kwargs):
+        """``(fn(*args, **kwargs, progress=self), seconds)`` without the time in progress."""
+        spent, t = self.seconds, time.perf_counter()
+        result = fn(*args, **kwargs, progress=self)
+        return result, time.perf_counter() - t - (self.seconds - spent)
 
 
 def run(dataset, *, stages=16, codebook_size=256, reranks=(1, 4, 10), repeats=3,
@@ -100,45 +134,50 @@ def run(dataset, *, stages=16, codebook_size=256, reranks=(1, 4, 10), repeats=3,
 
     Returns
     -------
-    dict with the data's shape, add and train seconds, bytes on disk and one row per
-    rerank factor: ``{"rerank", "recall_10_at_10", "qps_single"}``.
+    dict with the data's shape, add and train seconds, bytes on disk, the threads the
+    searches ran on (``threads``: ``{"numba", "blas"}``, blas None when unknown;
+    ``search_threads``: the larger, None when unknown) and one row per rerank factor:
+    ``{"rerank", "recall_10_at_10", "qps_single"}``.
     """
     base, queries, gt = dataset
     out = {"vectors": len(base), "dim": base.shape[1], "queries": len(queries),
            "stages": stages, "codebook_size": codebook_size, "metric": "l2",
-           "search_threads": 1, "repeats": repeats}
+           "search_threads": None, "repeats": repeats}
+    untimed = _Untimed(progress)
     with tempfile.TemporaryDirectory(prefix="rvqstore-bench-") as folder:
         with Store.open(os.path.join(folder, "bench.db"), dim=base.shape[1], metric="l2",
                         stages=stages, codebook_size=codebook_size) as store:
-            t = time.perf_counter()
-            store.add(base, progress=progress)
-            out["add_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            info = store.train(progress=progress)
-            out["train_s"] = time.perf_counter() - t
+            _, out["add_s"] = untimed.timed(store.add, base)
+            info, out["train_s"] = untimed.timed(store.train)
             out["train_mse"] = info["train_mse"]
             out["file_bytes"] = info["bytes"]["file"] + info["bytes"]["wal"]
-            rows = []
-            with one_thread():
-                for factor in reranks:
-                    rows.append(_measure(store, queries, gt, factor, repeats, progress))
-            out["rows"] = rows
+            with one_thread() as threads:
+                out["rows"] = [_measure(store, queries, gt, factor, repeats, progress)
+                               for factor in reranks]
+    out["threads"] = threads._asdict()
+    if threads.blas is not None:
+        out["search_threads"] = max(threads)
     return out
 
 
-def _measure(store, queries, gt, factor, repeats, progress):
+def _measure(store, queries, gt, factor, repeats, progress, chunk=64):
+    """Time the queries ``chunk`` at a time and report progress between chunks, where
+    the clock is stopped."""
     phase = f"search x{factor}"
     store.search(queries[0], k=10, rerank=factor)  # warm-up: JIT, caches
     found = np.empty((len(queries), 10), np.int64)
     times = []
     total = repeats * len(queries)
     for r in range(repeats):
-        t = time.perf_counter()
-        for i in range(len(queries)):
-            found[i] = store.search(queries[i], k=10, rerank=factor).ids
-            if progress is not None and i % 64 == 0:
-                progress(phase, r * len(queries) + i, total)
-        times.append(time.perf_counter() - t)
+        seconds = 0.0
+        for start in range(0, len(queries), chunk):
+            if progress is not None:
+                progress(phase, r * len(queries) + start, total)
+            t = time.perf_counter()
+            for i in range(start, min(start + chunk, len(queries))):
+                found[i] = store.search(queries[i], k=10, rerank=factor).ids
+            seconds += time.perf_counter() - t
+        times.append(seconds)
     if progress is not None:
         progress(phase, total, total)
     return {"rerank": factor, "recall_10_at_10": recall_10_at_10(found, gt),

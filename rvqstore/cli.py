@@ -1,8 +1,12 @@
 """The command line, ``rvqstore COMMAND DB ...``: a thin click layer over :class:`Store`.
 
 Errors the library raises on purpose (every :class:`RvqstoreError`, malformed input files
-included) and file errors become one line, ``Error: ...``, with exit code 1, in
-:meth:`_Group.invoke` and nowhere else; click's usage errors exit with 2.
+included), and file and SQLite errors that escape it (a full disk, a denied permission),
+become one line, ``Error: ...``, with exit code 1, in :meth:`_Group.invoke` and nowhere
+else; click's usage errors exit with 2. Programming errors keep their traceback.
+
+Tables escape control characters (``\\x1b``) in what they show, so that a stored key cannot
+drive the terminal; ``--json`` and ``--csv`` print every string as stored.
 """
 
 import contextlib
@@ -10,6 +14,7 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -18,23 +23,49 @@ import numpy as np
 
 from . import __version__, benchmark
 from .errors import BadFileError, InvalidInputError, RvqstoreError
-from .inputs import FORMATS, parse_vector, read_vectors
+from .inputs import FORMATS, MAX_ID, parse_vector, read_vectors
 from .store import METRICS, ORIGINAL_FORMATS, Store
 
 
 class _Group(click.Group):
-    """The one place where errors become ``Error: ...`` and exit code 1."""
+    """The one place where errors become ``Error: ...`` and exit code 1.
+
+    Every command runs inside :meth:`invoke`; an error that does not name its file is
+    prefixed with the file the command was working on, which the ``DB`` argument and
+    :func:`_output_file` record in ``ctx.meta`` (shared by the group and its command).
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except RvqstoreError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _error(str(exc)) from None
         except BrokenPipeError:  # `rvqstore export vecs.db | head`: click exits quietly
             raise
-        except OSError as exc:  # output files
-            where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except OSError as exc:  # output files, and the safety net under the library
+            where = exc.filename or ctx.meta.get(_OUTPUT) or ctx.meta.get(_DB)
+            raise _error(exc.strerror or str(exc), where) from None
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # sqlite3 used wrongly: a bug, which keeps its traceback
+        except sqlite3.Error as exc:  # the safety net: disk full, locked, corrupted
+            raise _error(str(exc), ctx.meta.get(_DB)) from None
+
+
+_DB, _OUTPUT = "rvqstore.db", "rvqstore.output"
+
+
+def _error(message, where=None):
+    """``Error: [where: ]message`` on one line."""
+    return click.ClickException(_printable(f"{where}: {message}" if where else message))
+
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def _printable(text):
+    """``text`` with control characters (C0, DEL, C1) written as escapes, ``\\x1b``."""
+    return text.translate(_ESCAPES)
 
 
 class _VectorType(click.ParamType):
@@ -69,7 +100,15 @@ def main():
 # -- shared options and helpers -------------------------------------------------------------
 
 def _db(f):
-    return click.argument("db", type=click.Path(dir_okay=False))(f)
+    return click.argument("db", type=click.Path(dir_okay=False), callback=_remember_db)(f)
+
+
+def _remember_db(ctx, param, value):
+    ctx.meta[_DB] = value
+    return value
+
+
+_ID = click.IntRange(0, MAX_ID)
 
 
 def _output(f):
@@ -212,8 +251,8 @@ def _emit(rows, columns, fmt, *, thousands=False, formats=None):
         click.echo(buf.getvalue(), nl=False)
     else:
         formats = formats or {}
-        cells = [[formats[c].format(r[c]) if c in formats and r.get(c) is not None
-                  else _cell(r.get(c), thousands) for c in columns] for r in rows]
+        cells = [[_printable(formats[c].format(r[c]) if c in formats and r.get(c) is not None
+                             else _cell(r.get(c), thousands)) for c in columns] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
         right = [all(isinstance(v, (int, float)) and not isinstance(v, bool)
                      for v in (r.get(c) for r in rows) if v is not None) for c in columns]
@@ -351,7 +390,7 @@ def retrain(db, quiet):
 @click.argument("queryfile", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--vector", "vector", type=_VectorType(), help="The query as a JSON array.")
 @click.option("--key", metavar="KEY", help="Query with the stored vector of this key.")
-@click.option("--id", "id_", type=int, metavar="ID",
+@click.option("--id", "id_", type=_ID, metavar="ID",
               help="Query with the stored vector of this id.")
 @click.option("-k", "k", type=int, default=10, metavar="K", show_default=True,
               help="Results per query.")
@@ -405,7 +444,7 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_jso
 
 @main.command()
 @_db
-@click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="An id (repeatable).")
+@click.option("--id", "ids", type=_ID, multiple=True, metavar="ID", help="An id (repeatable).")
 @click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
 @_output
 def get(db, ids, keys, as_json, as_csv):
@@ -424,7 +463,7 @@ def get(db, ids, keys, as_json, as_csv):
 
 @main.command()
 @_db
-@click.option("--id", "ids", type=int, multiple=True, metavar="ID", help="An id (repeatable).")
+@click.option("--id", "ids", type=_ID, multiple=True, metavar="ID", help="An id (repeatable).")
 @click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
 def delete(db, ids, keys):
     """Delete vectors by id or key, all or none.
@@ -496,7 +535,9 @@ def export(db, output, fmt, batch_size):
 
 
 def _output_file(path, mode):
-    """``path`` opened for writing, or stdout for "-"; a file appears only when complete."""
+    """``path`` opened for writing, or stdout for "-"; a file appears only when complete.
+    A write error that does not name its file is then reported against ``path``."""
+    click.get_current_context().meta[_OUTPUT] = "<stdout>" if path == "-" else path
     try:
         return click.open_file(path, mode, encoding=None if "b" in mode else "utf-8",
                                atomic=path != "-")
@@ -506,21 +547,24 @@ def _output_file(path, mode):
 
 @main.command()
 @click.argument("dataset_dir", type=click.Path(file_okay=False))
-@click.option("--limit", type=int, metavar="N",
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
               help="Use the first N base vectors (ground truth recomputed).")
-@click.option("--queries", type=int, metavar="N", help="Use the first N queries [default: all].")
+@click.option("--queries", type=click.IntRange(min=1), metavar="N",
+              help="Use the first N queries [default: all].")
 @click.option("--stages", type=int, default=16, metavar="N", show_default=True,
               help="RVQ stages.")
 @click.option("--codebook-size", type=int, default=256, metavar="K", show_default=True,
               help="Codewords per stage.")
-@click.option("--repeats", type=int, default=3, metavar="N", show_default=True,
+@click.option("--repeats", type=click.IntRange(min=1), default=3, metavar="N",
+              show_default=True,
               help="Runs over the queries; QPS is their median.")
 @_quiet
 @_output
 def bench(dataset_dir, limit, queries, stages, codebook_size, repeats, quiet, as_json, as_csv):
     """Measure recall and QPS on a dataset folder.
 
-    Prints 10-recall@10 and single-query QPS (one thread) at rerank 1, 4 and 10.
+    Prints 10-recall@10 and single-query QPS at rerank 1, 4 and 10, with numba and
+    BLAS limited to one thread (BLAS needs threadpoolctl; the threads are printed).
     DATASET_DIR holds base.npy, queries.npy and gt_l2.npy (exact neighbour ids, one
     row per query). The store is built in a temporary folder and removed after.
     """
@@ -543,4 +587,15 @@ def bench(dataset_dir, limit, queries, stages, codebook_size, repeats, quiet, as
                    f"{stages} stages x {codebook_size} codewords\n"
                    f"add {r['add_s']:.2f} s, train {r['train_s']:.1f} s, "
                    f"{r['file_bytes']:,} bytes on disk\n"
-                   f"search: one query per call, 1 thread, median of {repeats} runs")
+                   f"search: one query per call, {_threads(r['threads'])}, "
+                   f"median of {repeats} runs")
+
+
+def _threads(threads):
+    """What ``bench`` ran its searches on, claiming one thread only where it was checked."""
+    numba, blas = threads["numba"], threads["blas"]
+    if numba == blas == 1:
+        return "1 thread"
+    blas = (f"BLAS {blas} thread{'s' * (blas != 1)}" if blas is not None
+            else "BLAS threads unknown (threadpoolctl is not installed)")
+    return f"numba {numba} thread{'s' * (numba != 1)}, {blas}"

@@ -9,14 +9,19 @@ JSON lines hold one object per line, ``{"id": 7, "key": "doc-7", "vector": [0.1,
 with ``id`` and ``key`` optional, or a bare array ``[0.1, ...]``. CSV holds numbers only,
 or a header whose ``id`` and ``key`` columns are taken as such and whose other columns are
 the vector's components. Ids and keys are given on every row or on none: ``Store.add``
-takes them for the whole batch.
+takes them for the whole batch. Ids are integers in ``[0, MAX_ID]`` (-1 pads search
+results); keys are strings that UTF-8 can encode. A CSV key is taken exactly as written,
+spaces included, so that what ``rvqstore export --format csv`` writes reads back the same.
 """
 
+import contextlib
 import csv
 import io
 import json
 import os
+import re
 import sys
+import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -24,6 +29,12 @@ import numpy as np
 from .errors import InvalidInputError
 
 FORMATS = ("npy", "fvecs", "jsonl", "csv")
+MAX_ID = 2**63 - 2
+"""The largest id a file may give: ids are SQLite integers (int64), and the store numbers
+the rows that come without ids from the largest id plus one."""
+CSV_FIELD_LIMIT = 1 << 26
+"""The longest CSV field read, in characters (64 Mi); Python's csv module stops at 128 Ki,
+which a long key written by ``rvqstore export --format csv`` exceeds."""
 _EXTENSIONS = {".npy": "npy", ".fvecs": "fvecs", ".jsonl": "jsonl", ".ndjson": "jsonl",
                ".json": "jsonl", ".csv": "csv"}
 
@@ -67,14 +78,7 @@ def read_vectors(path, *, format=None):
         if format is None:
             raise InputFileError(f"{name}: cannot tell the format from the extension; "
                                  f"give one of {', '.join(FORMATS)}")
-    try:
-        if path == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except OSError as exc:
-        raise InputFileError(f"cannot read {name}: {exc.strerror or exc}") from None
+    data = _read_stdin() if path == "-" else _read_file(path)
     if format in ("npy", "fvecs"):
         return (_npy if format == "npy" else _fvecs)(data, name)
     try:
@@ -90,19 +94,53 @@ def read_vectors(path, *, format=None):
     return (_jsonl if format == "jsonl" else _csv)(text, name)
 
 
+def _read_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InputFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_stdin():
+    stdin = sys.stdin  # None when the process started with descriptor 0 closed
+    if stdin is None or stdin.closed:
+        raise InputFileError("cannot read <stdin>: standard input is closed")
+    try:
+        data = getattr(stdin, "buffer", stdin).read()
+    except OSError as exc:
+        raise InputFileError(f"cannot read <stdin>: {exc.strerror or exc}") from None
+    except ValueError:  # closed meanwhile
+        raise InputFileError("cannot read <stdin>: standard input is closed") from None
+    if isinstance(data, str):  # a text stream put in sys.stdin's place; decoded again later
+        data = data.encode("utf-8", "surrogatepass")
+    return data
+
+
 def parse_vector(text, *, name="vector"):
     """A JSON array of numbers, ``'[0.1, -2, 3e-1]'``, as a float32 array of shape (dim,)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(
-            f"{name} is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        value = _json(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"{name} is not valid JSON: {exc}") from None
     vec = _numbers(value)
     if vec is None or vec.ndim != 1 or not len(vec):
         raise InvalidInputError(f"{name} must be a non-empty JSON array of numbers")
     if not np.isfinite(vec).all():
         raise InvalidInputError(f"{name} holds NaN or infinity")
     return vec
+
+
+def _json(text):
+    """``json.loads``, with every way it refuses text as a ValueError that reads well."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at column {exc.colno}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise ValueError(str(exc).split(";")[0]) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _numbers(value):
@@ -172,6 +210,12 @@ class _Rows:
         raise InputFileError(f"{self.name} line {line}: {message}")
 
     def add(self, line, vec, id_, key):
+        if key is not None:
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                self.fail(line, f"key {_cut(repr(key))} holds {key[exc.start]!r} at character "
+                                f"{exc.start}, a lone surrogate that UTF-8 cannot encode")
         if self.lines:
             first = self.lines[0]
             if len(vec) != len(self.vectors[0]):
@@ -204,6 +248,34 @@ def _check_finite(arr, name, where):
                              "vector holds NaN or infinity")
 
 
+def _cut(text, width=60):
+    """``text`` cut to ``width`` characters: a message names a value, not all of it."""
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _id(value):
+    """``value`` if it is an id, an int in [0, MAX_ID] (-1 pads search results), else None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_ID else None
+
+
+def _csv_id(cell):
+    if not _INTEGER.fullmatch(cell):  # int() would also take "1_000" and other digits
+        return None
+    try:
+        return _id(int(cell))
+    except ValueError:  # more digits than Python converts
+        return None
+
+
+def _id_message(shown):
+    return f"id must be an integer in [0, {MAX_ID}], got {shown}"
+
+
 def _jsonl(text, name):
     rows = _Rows(name)
     for line, raw in enumerate(text.splitlines(), 1):
@@ -211,19 +283,19 @@ def _jsonl(text, name):
         if not raw:
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            rows.fail(line, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            obj = _json(raw)
+        except ValueError as exc:
+            rows.fail(line, f"not valid JSON ({exc})")
         id_ = key = None
         if isinstance(obj, dict):
             if "vector" not in obj:
                 rows.fail(line, 'the object has no "vector" field')
             vec = obj["vector"]
             id_, key = obj.get("id"), obj.get("key")
-            if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, int)):
-                rows.fail(line, f'"id" must be an integer, got {json.dumps(id_)}')
+            if id_ is not None and _id(id_) is None:
+                rows.fail(line, _id_message(_cut(json.dumps(id_))))
             if key is not None and not isinstance(key, str):
-                rows.fail(line, f'"key" must be a string, got {json.dumps(key)}')
+                rows.fail(line, f'"key" must be a string, got {_cut(json.dumps(key))}')
         elif isinstance(obj, list):
             vec = obj
         else:
@@ -235,17 +307,51 @@ def _jsonl(text, name):
     return rows.result()
 
 
+_csv_limit = threading.Lock()
+
+
+@contextlib.contextmanager
+def _csv_field_limit(limit):
+    """The csv module's field limit is one for the whole process: raise it while a file is
+    read, then put it back."""
+    with _csv_limit:
+        before = csv.field_size_limit(limit)
+        try:
+            yield
+        finally:
+            csv.field_size_limit(before)
+
+
 def _csv(text, name):
     rows = _Rows(name)
-    reader = csv.reader(io.StringIO(text))
+    with _csv_field_limit(CSV_FIELD_LIMIT):
+        _csv_rows(rows, _records(csv.reader(io.StringIO(text)), rows))
+    return rows.result()
+
+
+def _records(reader, rows):
+    """``(line, cells)`` for each CSV record; the csv module's errors name the line."""
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            message = str(exc)
+            if "field limit" in message:
+                message = f"a field is longer than {CSV_FIELD_LIMIT:,} characters"
+            rows.fail(reader.line_num, message)
+        yield reader.line_num, cells
+
+
+def _csv_rows(rows, records):
     id_col = key_col = None
     vec_cols = None
     width = None
-    for cells in reader:
-        line = reader.line_num
-        if not cells or all(not c.strip() for c in cells):
+    for line, written in records:
+        if not written or all(not c.strip() for c in written):
             continue
-        cells = [c.strip() for c in cells]
+        cells = [c.strip() for c in written]
         if width is None:
             width = len(cells)
             if not all(_is_number(c) for c in cells):  # a header
@@ -263,17 +369,15 @@ def _csv(text, name):
             vec = np.array([cells[i] for i in vec_cols], dtype=np.float32)
         except ValueError:
             bad = next(i for i in vec_cols if not _is_number(cells[i]))
-            rows.fail(line, f"column {bad + 1} is not a number: {cells[bad]!r}")
+            rows.fail(line, f"column {bad + 1} is not a number: {_cut(repr(cells[bad]))}")
         id_ = key = None
         if id_col is not None and cells[id_col]:
-            try:
-                id_ = int(cells[id_col])
-            except ValueError:
-                rows.fail(line, f"id is not an integer: {cells[id_col]!r}")
-        if key_col is not None and cells[key_col]:
-            key = cells[key_col]
+            id_ = _csv_id(cells[id_col])
+            if id_ is None:
+                rows.fail(line, _id_message(_cut(repr(cells[id_col]))))
+        if key_col is not None and written[key_col]:
+            key = written[key_col]  # as written: spaces are part of a key
         rows.add(line, vec, id_, key)
-    return rows.result()
 
 
 def _is_number(cell):

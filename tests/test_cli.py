@@ -1,11 +1,13 @@
 """The command line through click's CliRunner, and the input readers under it."""
 
 import csv
+import errno
 import io
 import json
 import sqlite3
 import subprocess
 import sys
+import time
 
 import click
 import numpy as np
@@ -13,9 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 import rvqstore
+from rvqstore import benchmark
 from rvqstore.algo import exact_search
 from rvqstore.cli import _Progress, main
-from rvqstore.inputs import InputFileError, parse_vector, read_vectors
+from rvqstore.inputs import MAX_ID, InputFileError, parse_vector, read_vectors
 
 from conftest import clustered
 
@@ -372,6 +375,201 @@ def test_refused_create_or_add_leaves_no_new_file(tmp_path):
     assert "duplicates" in fails("add", path, "-", input='{"key": "a", "vector": [1]}\n' * 2)
     assert not path.exists() and not list(tmp_path.iterdir())
     run("create", path, "--stages", "8")
+
+
+def test_add_refuses_keys_and_ids_a_store_cannot_hold(tmp_path):
+    path = tmp_path / "s.db"
+    assert fails("add", path, "-", input='{"key": "\\ud800", "vector": [1]}\n') == (
+        "Error: <stdin> line 1: key '\\ud800' holds '\\ud800' at character 0, a lone "
+        "surrogate that UTF-8 cannot encode\n")
+    big = '{"id": 1, "vector": [1]}\n{"id": 9223372036854775808, "vector": [1]}\n'
+    assert fails("add", path, "-", input=big) == (
+        f"Error: <stdin> line 2: id must be an integer in [0, {MAX_ID}], "
+        "got 9223372036854775808\n")
+    for cell in ("1e20", "-5", "3.5"):
+        assert fails("add", path, "-", "--format", "csv", input=f"id,x\n{cell},1\n") == (
+            f"Error: <stdin> line 2: id must be an integer in [0, {MAX_ID}], got '{cell}'\n")
+    assert not path.exists()
+
+
+class _ClosedStdin(io.BytesIO):
+    """Standard input closed by the time the command reads it."""
+
+    def read(self, size=-1):
+        if size == 0:  # click's CliRunner probes the stream
+            return b""
+        raise ValueError("I/O operation on closed file.")
+
+
+class _FailingStdin(io.RawIOBase):
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_add_from_a_closed_or_failing_stdin(tmp_path):
+    path = tmp_path / "s.db"
+    assert fails("add", path, "-", input=_ClosedStdin()) == (
+        "Error: cannot read <stdin>: standard input is closed\n")
+    assert fails("add", path, "-", input=io.BufferedReader(_FailingStdin())) == (
+        "Error: cannot read <stdin>: Input/output error\n")
+    assert not path.exists()
+
+
+def test_ids_out_of_range_on_the_command_line_are_usage_errors(db):
+    for command in ("get", "delete", "search"):
+        for value in (2**63, MAX_ID + 1, -1):
+            assert "is not in the range 0<=x<=" in fails(command, db, "--id", value, code=2)
+
+
+def test_export_csv_of_long_and_padded_keys_reads_back(tmp_path):
+    """A key over the csv module's default field limit (128 KiB), and keys whose spaces,
+    quotes, commas and newlines are part of them."""
+    keys = ["k" * (200 * 1024), " padded ", 'a "quoted", key\nover two lines']
+    src, copy, out = tmp_path / "src.db", tmp_path / "copy.db", tmp_path / "out.csv"
+    run("add", src, "-", input="".join(json.dumps({"id": 10 + i, "key": k, "vector": [i, 1]})
+                                       + "\n" for i, k in enumerate(keys)))
+    run("export", src, "-o", out)
+    run("add", copy, out)
+    got = json.loads(run("get", copy, "--id", "10", "--id", "11", "--id", "12", "--json"))
+    assert got == [{"id": 10 + i, "key": k, "vector": [float(i), 1.0]} for i, k in enumerate(keys)]
+
+
+def test_tables_escape_control_characters_and_json_csv_keep_them(tmp_path):
+    keys = ["\x1b]0;retitled\x07", "csi\x9b31m", "tab\there\nnew\rline\x7f", "\x00\x1f"]
+    shown = ["\\x1b]0;retitled\\x07", "csi\\x9b31m", "tab\\there\\nnew\\rline\\x7f",
+             "\\x00\\x1f"]
+    path = tmp_path / "k.db"
+    run("add", path, "-", input="".join(json.dumps({"key": k, "vector": [i, 1]}) + "\n"
+                                        for i, k in enumerate(keys)))
+    ids = [a for i in range(len(keys)) for a in ("--id", i)]
+    for table in (run("get", path, *ids), run("search", path, "--vector", "[0, 1]", "-k", "4")):
+        assert not [c for c in table if c != "\n" and (c < " " or "\x7f" <= c <= "\x9f")]
+        assert table.count("\n") == 2 + len(keys)
+        assert all(s in table for s in shown), table
+    assert [g["key"] for g in json.loads(run("get", path, *ids, "--json"))] == keys
+    rows = list(csv.reader(io.StringIO(run("get", path, *ids, "--csv"), newline="")))
+    assert [r[1] for r in rows[1:]] == keys
+
+
+def test_an_error_line_stays_one_line(tmp_path):
+    bad = tmp_path / "two\nlines\x1b[2J.csv"
+    bad.write_text("1,2\n3,x\n")
+    assert fails("add", tmp_path / "s.db", bad) == (
+        f"Error: {tmp_path}/two\\nlines\\x1b[2J.csv line 2: column 2 is not a number: 'x'\n")
+
+
+def _raises(exc):
+    def method(*args, **kwargs):
+        raise exc
+    return method
+
+
+@pytest.mark.parametrize("exc, shown", [
+    (sqlite3.OperationalError("database or disk is full"), "database or disk is full"),
+    (sqlite3.DatabaseError("database disk image is malformed"), "database disk image is malformed"),
+    (sqlite3.IntegrityError("UNIQUE constraint failed: vectors.key"),
+     "UNIQUE constraint failed: vectors.key"),
+    (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+    (OSError(errno.ENOSPC, "No space left on device", "/elsewhere/x.db-wal"),
+     None),
+])
+def test_sqlite_and_os_errors_escaping_the_library_are_one_line(db, monkeypatch, exc, shown):
+    monkeypatch.setattr(rvqstore.Store, "info", _raises(exc))
+    where = db if shown else "/elsewhere/x.db-wal"
+    assert fails("info", db) == f"Error: {where}: {shown or 'No space left on device'}\n"
+
+
+class _FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_write_error_on_the_output_names_the_output(db, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(click, "open_file", lambda *args, **kwargs: _FullDisk())
+    assert fails("export", db, "-o", out) == f"Error: {out}: No space left on device\n"
+
+
+COMMAND_ARGS = {
+    "create": ["NEW", "--dim", "4"], "add": ["NEW", "-"], "train": ["DB"], "retrain": ["DB"],
+    "search": ["DB", "--id", "1"], "get": ["DB", "--id", "1"], "delete": ["DB", "--id", "1"],
+    "compact": ["DB"], "info": ["DB"], "export": ["DB"], "bench": ["DATA"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
+def test_every_command_turns_an_escaped_sqlite_error_into_one_line(
+        db, tmp_path, dataset, monkeypatch, command):
+    assert set(COMMAND_ARGS) == set(main.commands)  # a new command joins this test
+    monkeypatch.setattr(rvqstore.Store, "open", _raises(sqlite3.OperationalError("disk I/O error")))
+    paths = {"NEW": tmp_path / "new.db", "DB": db, "DATA": dataset}
+    args = [paths.get(a, a) for a in COMMAND_ARGS[command]]
+    message = fails(command, *args, input="[1, 2, 3, 4]\n")
+    where = "" if command == "bench" else f"{args[0]}: "  # bench's store is a temporary file
+    assert message == f"Error: {where}disk I/O error\n"
+
+
+@pytest.mark.parametrize("exc", [TypeError("a bug"), AttributeError("a bug"),
+                                 sqlite3.ProgrammingError("Cannot operate on a closed database.")])
+def test_programming_errors_keep_their_traceback(db, monkeypatch, exc):
+    monkeypatch.setattr(rvqstore.Store, "info", _raises(exc))
+    result = CliRunner().invoke(main, ["info", str(db)])
+    assert result.exception is exc and "Error:" not in result.output
+
+
+def test_an_interrupt_is_not_an_error_line(db, monkeypatch):
+    monkeypatch.setattr(rvqstore.Store, "info", _raises(KeyboardInterrupt()))
+    result = CliRunner().invoke(main, ["info", str(db)])
+    assert result.exit_code == 1 and "Aborted!" in result.stderr and "Error" not in result.stderr
+
+
+def test_bench_timings_leave_out_the_progress_callback(dataset, monkeypatch):
+    """Each progress call moves the clock 1000 s on: no timing may include one."""
+    real, moved, phases = time.perf_counter, [0.0], set()
+
+    def progress(phase, done, total):
+        phases.add(phase.split()[0])
+        moved[0] += 1000.0
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + moved[0])
+    data = benchmark.load_dataset(dataset, queries=10)
+    result = benchmark.run(data, stages=4, codebook_size=32, repeats=2, progress=progress)
+    assert {"add", "train", "search"} <= phases and moved[0] >= 10_000
+    assert result["add_s"] < 1000 and result["train_s"] < 1000
+    assert all(r["qps_single"] > 10 / 1000 for r in result["rows"])
+
+
+def test_bench_claims_one_thread_only_when_it_checked(dataset, monkeypatch):
+    import numba
+
+    args = ["bench", dataset, *SMALL, "--repeats", "1", "--queries", "3"]
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # as if not installed
+    table = run(*args)
+    assert "call, 1 thread," not in table
+    assert "numba 1 thread, BLAS threads unknown (threadpoolctl is not installed)" in table
+    result = json.loads(run(*args, "--json"))
+    assert result["threads"] == {"numba": 1, "blas": None} and result["search_threads"] is None
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: None)  # a limit that does not hold
+    result = json.loads(run(*args, "--json"))
+    assert result["threads"]["numba"] == numba.get_num_threads()
+    if numba.get_num_threads() > 1:
+        assert f"numba {numba.get_num_threads()} threads" in run(*args)
+
+
+def test_bench_with_threadpoolctl_limits_and_says_so(dataset):
+    pytest.importorskip("threadpoolctl")
+    args = ["bench", dataset, *SMALL, "--repeats", "1", "--queries", "3"]
+    result = json.loads(run(*args, "--json"))
+    assert result["threads"] == {"numba": 1, "blas": 1} and result["search_threads"] == 1
+    assert "one query per call, 1 thread, median of 1 runs" in run(*args)
+
+
+@pytest.mark.parametrize("option", ["--repeats", "--queries", "--limit"])
+def test_bench_counts_below_one_are_usage_errors(dataset, option):
+    assert "x>=1" in fails("bench", dataset, option, "0", code=2)
 
 
 # -- the pieces under the commands -----------------------------------------------------------
