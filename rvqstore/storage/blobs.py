@@ -106,11 +106,14 @@ def unpack_concat(blob, fmt, dim, ids, *, checked=True):
                            "the file is corrupted")
     rows = np.frombuffer(blob, np.uint8).reshape(n, width)
     if checked:
-        crcs = rows[:, -CRC_BYTES:].copy().view("<u4")[:, 0]
-        for j in range(n):
-            if zlib.crc32(rows[j, :-CRC_BYTES]) != crcs[j]:
-                raise BadFileError(f"the original of id {ids[j]} fails its checksum: "
-                                   "the file is corrupted")
+        # the rerank path: one crc32 call per row on a memoryview slice, compared at once
+        mv, crc, body = memoryview(blob), zlib.crc32, width - CRC_BYTES
+        got = np.array([crc(mv[o:o + body]) for o in range(0, n * width, width)], np.uint32)
+        want = rows[:, -CRC_BYTES:].copy().view("<u4")[:, 0]
+        if not np.array_equal(got, want):
+            j = int(np.flatnonzero(got != want)[0])
+            raise BadFileError(f"the original of id {ids[j]} fails its checksum: "
+                               "the file is corrupted")
         rows = rows[:, :-CRC_BYTES]
     dtype = "<f2" if fmt == "float16" else "<f4"
     return np.ascontiguousarray(rows).view(dtype).reshape(n, dim).astype(np.float32)
