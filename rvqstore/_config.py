@@ -135,7 +135,7 @@ def meta_int(meta, name, path="the store"):
 # -- opening --------------------------------------------------------------------------------
 
 def open_database(path, given, *, readonly, create, mmap_originals, durable=True,
-                  timeout=10.0):
+                  timeout=10.0, max_bytes=None):
     """Open (or create) the file at ``path``; returns ``(db, config)``.
 
     ``given`` maps every :class:`Config` field to the value asked for, or None. On an
@@ -149,7 +149,7 @@ def open_database(path, given, *, readonly, create, mmap_originals, durable=True
         if not create and not readonly:
             raise BadFileError(f"{os.fspath(path)} does not exist")
     db = Database(path, readonly=readonly, mmap_originals=mmap_originals, durable=durable,
-                  timeout=timeout)
+                  timeout=timeout, max_bytes=max_bytes)
     try:
         stored = db.meta()
         if not stored and not readonly:

@@ -57,7 +57,7 @@ class Store:
     def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
              keep_originals=None, originals=None, readonly=False, create=True, block_size=None,
              train_beam=None, add_beam=None, train_sample=None, seed=None, mmap_originals=False,
-             durable=True, timeout=10.0):
+             durable=True, timeout=10.0, max_bytes=None):
         """Open the store at ``path``, creating it when missing (unless ``readonly``).
 
         Parameters
@@ -85,6 +85,8 @@ class Store:
             loads
         timeout : float, seconds to wait for another connection's write lock before a
             ``LockedError`` (default 10)
+        max_bytes : int or None, a quota for this connection: a write that would grow the
+            file beyond it fails with ``DiskFullError`` and is rolled back, as on a full disk
 
         On an existing file the configuration is read from the file, and an argument
         that conflicts with it is an error naming both values.
@@ -96,10 +98,13 @@ class Store:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
                 not 0 <= timeout <= 86400:
             raise InvalidInputError(f"timeout must be seconds in [0, 86400], got {timeout!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or
+                                      not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1):
+            raise InvalidInputError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         with translate_errors(os.fspath(path), timeout):
             db, config = _config.open_database(path, given, readonly=readonly, create=create,
                                                mmap_originals=mmap_originals, durable=durable,
-                                               timeout=timeout)
+                                               timeout=timeout, max_bytes=max_bytes)
             try:
                 store = cls(db, config)
                 if not readonly:

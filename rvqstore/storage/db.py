@@ -99,7 +99,7 @@ class Database:
     """
 
     def __init__(self, path, *, readonly=False, mmap_originals=False, durable=True,
-                 timeout=BUSY_SECONDS):
+                 timeout=BUSY_SECONDS, max_bytes=None):
         self.path = os.fspath(path)
         self.timeout = timeout
         self.readonly = readonly
@@ -129,6 +129,10 @@ class Database:
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             self._check_identity()
+            if max_bytes is not None:
+                # a quota: a write that would grow the file past it fails as a full disk does
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(int(max_bytes) // page, 1)}")
             if not readonly:
                 _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"), timeout)
                 # FULL: a commit returned to the caller survives power loss (the WAL is
