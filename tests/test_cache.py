@@ -3,10 +3,10 @@
 import hashlib
 import os
 import pathlib
+import select
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -258,50 +258,103 @@ def test_closed_cache_refuses_use(path):
         cache.embed(["a"])
 
 
+def worker_model(texts, worker):
+    """What worker 0 and worker 1 compute: two slightly different vectors per text (unit
+    norm, as the cosine cache stores them), so that the file shows whose entry it kept."""
+    x = hashed_words(texts) + np.float32(0.05 * worker)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 WORKER = textwrap.dedent("""
-    import sys, time
+    import sys
+    import numpy as np
     sys.path.insert(0, {tests!r})
-    from test_cache import corpus, hashed_words
+    from test_cache import corpus, worker_model
     from rvqstore import EmbeddingCache
 
-    path, lo, hi, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    path, worker, order, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 
-    calls = []
+    def in_step(texts):
+        # a barrier before each batch: the parent lets both workers go on together, so
+        # that both compute the same batch and add it at the same moment
+        print("batch", len(texts), flush=True)
+        if sys.stdin.readline() != "go\\n":
+            raise SystemExit("no go from the parent")
+        return worker_model(texts, worker)
 
-    def slow(texts):  # a model takes time: keeps the two writers interleaved
-        calls.append(time.time())
-        time.sleep(0.002)
-        return hashed_words(texts)
-
-    texts = corpus(900)[lo:hi]
-    with EmbeddingCache.open(path, model="m", embed=slow, batch_size=8) as cache:
-        while time.time() < start:
-            pass
-        out = cache.embed(texts)
-        assert out.shape == (hi - lo, 32)
-        print(cache.computed, calls[0], time.time())
+    every = corpus(900)
+    texts = [every[i] for i in map(int, order.split(","))]
+    with EmbeddingCache.open(path, model="m", embed=in_step, batch_size=8) as cache:
+        np.save(out, cache.embed(texts))
+        print("computed", cache.computed, flush=True)
 """)
 
 
+def read_line(proc, timeout=60):
+    """The next line ``proc`` writes to its (binary, unbuffered) stdout; "" at its end."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"no line from the worker in {timeout} s (got {buf!r} so far)"
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            break
+        buf += byte
+    return buf.decode()
+
+
 def test_two_processes_fill_one_cache_without_losing_or_doubling(path, tmp_path):
-    """Overlapping text sets, same file, same time: every text stored once, right vector."""
+    """Two processes embed overlapping texts in step, batch for batch: both compute the same
+    300 texts and add each batch of them at the same moment. Every text is stored once,
+    both processes get the stored vector back, and the one stored is one of theirs."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(pathlib.Path(__file__).parent)))
     # created before the workers start: Store.open of a new file is not safe to race
     EmbeddingCache.open(path, model="m", embed=hashed_words, dim=DIM).close()
-    start = time.time() + 3.0
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    procs = [subprocess.Popen([sys.executable, str(script), str(path), str(lo), str(hi), str(start)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for lo, hi in ((0, 600), (300, 900))]
-    outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err
-    computed, began, ended = zip(*[map(float, out.split()) for out, _ in outs])
-    assert max(began) < min(ended), "the two workers did not run at the same time"
+    shared = list(range(300, 600))  # first in both workers' lists, in the same order
+    orders = [shared + list(range(0, 300)), shared + list(range(600, 900))]
+    outs = [tmp_path / f"out{w}.npy" for w in range(2)]
+    errs = [tmp_path / f"worker{w}.err" for w in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(path), str(w),
+                               ",".join(map(str, orders[w])), str(outs[w])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=open(errs[w], "w"), bufsize=0)
+             for w in range(2)]
+    try:
+        rounds = 0
+        while True:
+            lines = [read_line(p) for p in procs]
+            if not all(line.startswith("batch ") for line in lines):
+                break
+            rounds += 1
+            for p in procs:  # both have looked their texts up and committed every batch
+                p.stdin.write(b"go\n")  # before this one: release them together
+        assert all(line.startswith("computed ") for line in lines), (
+            lines, [e.read_text() for e in errs])
+        for p, err in zip(procs, errs):
+            assert p.wait(timeout=60) == 0, err.read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert rounds == 600 // 8
+    # both looked their texts up before either stored any: each computed all of its 600,
+    # and the 300 shared ones were added by both at once
+    assert [int(line.split()[1]) for line in lines] == [600, 600]
     texts = corpus(900)
-    with EmbeddingCache.open(path, model="m", embed=Counting(), readonly=True) as cache:
+    fn = Counting()
+    with EmbeddingCache.open(path, model="m", embed=fn, readonly=True) as cache:
         assert len(cache) == 900  # keys are unique in the file: 900 rows = each text once
-        np.testing.assert_allclose(cache.embed(texts), hashed_words(texts), atol=1e-6)
+        stored = cache.embed(texts)
+        assert fn.batches == []
         assert cache.store.check() == []
-    assert sum(computed) >= 900 and all(c >= 300 for c in computed)
+    got = [np.load(out) for out in outs]
+    for w in range(2):  # each worker got back what the file holds
+        np.testing.assert_array_equal(got[w], stored[orders[w]])
+    # its own texts as it computed them; each shared one as one of the two computed it
+    np.testing.assert_allclose(stored[:300], worker_model(texts[:300], 0), atol=1e-6)
+    np.testing.assert_allclose(stored[600:], worker_model(texts[600:], 1), atol=1e-6)
+    mine = [np.abs(stored[300:600] - worker_model(texts[300:600], w)).max(axis=1) < 1e-6
+            for w in range(2)]
+    assert (mine[0] ^ mine[1]).all()
