@@ -49,7 +49,7 @@ class Added(NamedTuple):
     fresh: bool = False
 
 
-def add(db, config, x, ids, keys, *, skip_existing_keys, snap, seen_version, progress):
+def add(db, config, x, ids, keys, *, skip_existing_keys, snap, codecs, seen_version, progress):
     """The rows ``x`` (checked; ``ids`` and ``keys`` checked or None) in one transaction.
 
     A store without a dimension yet takes that of ``x`` (``Added.config`` has it).
@@ -74,13 +74,13 @@ def add(db, config, x, ids, keys, *, skip_existing_keys, snap, seen_version, pro
                 ids = ids[new] if ids is not None else None
                 if not len(x):
                     return Added(None, out, x, config)
-        ids, version, appended = insert(db, config, meta, x, ids, keys, snap=snap,
+        ids, version, appended = insert(db, config, meta, x, ids, keys, snap=snap, codecs=codecs,
                                         progress=progress)
     report(progress, "add", len(x), len(x))
     return Added(ids, out, x, config, version, appended, fresh)
 
 
-def insert(db, config, meta, x, ids, keys, *, snap, progress):
+def insert(db, config, meta, x, ids, keys, *, snap, codecs, progress):
     """Store the rows ``x`` (inside ``db.write()``); returns ``(ids, version, appended)``.
 
     ``ids`` None numbers the rows from ``next_id``; ``keys`` may be None. ``appended`` is
@@ -107,13 +107,13 @@ def insert(db, config, meta, x, ids, keys, *, snap, progress):
     keep = config.keep_originals or not version
     blobs = pack_originals(x, config.originals) if keep else [None] * m
     db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
-    appended = _append_codes(db, config, snap, version, x, ids, progress) if version else None
+    appended = _append_codes(db, config, codecs.get(db, config, snap, version), version, x,
+                             ids, progress) if version else None
     db.set_meta(next_id=min(max(next_id, int(ids.max()) + 1), MAX_META_INT))
     return ids, version, appended
 
 
-def _append_codes(db, config, snap, version, x, ids, progress):
-    rq = _snapshot.quantizer(db, config, snap, version)
+def _append_codes(db, config, rq, version, x, ids, progress):
     codes = rq.encode(x, beam_width=config.add_beam, progress=progress)
     xh = rq.decode(codes)
     norms = np.einsum("ij,ij->i", xh, xh).astype(np.float32)

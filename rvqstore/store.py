@@ -50,6 +50,7 @@ class Store:
         self._closed = False
         self._seen_version = None
         self._snap = None  # the in-memory index, loaded lazily and refreshed on change
+        self._codecs = _snapshot.Codecs()
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -225,7 +226,8 @@ class Store:
         if ids is not None:
             ids = _config.new_id_array(ids, n)
         added = _writes.add(db, self.config, x, ids, keys, skip_existing_keys=skip_existing_keys,
-                            snap=self._snap, seen_version=self._seen_version, progress=progress)
+                            snap=self._snap, codecs=self._codecs, seen_version=self._seen_version,
+                            progress=progress)
         self.config = added.config
         if added.ids is None:  # every key was stored already
             return added.out
