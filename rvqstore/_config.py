@@ -164,6 +164,7 @@ def open_database(path, given, *, readonly, create, mmap_originals, durable=True
         config = Config.from_meta(stored, db.path)
         for name in ("active_version", "next_id", "blocks_epoch"):
             meta_int(stored, name, db.path)
+        db.upgrade()  # an older schema, once its settings have passed
         for name, value in given.items():
             have = getattr(config, name)
             if value is not None and have is not None and value != have:
@@ -171,8 +172,8 @@ def open_database(path, given, *, readonly, create, mmap_originals, durable=True
                     f"{name}={value!r} was asked for, but {db.path} has {name}={have!r}")
         if config.dim is None and dim is not None and not readonly:
             with db.write():
-                now = db.meta().get("dim")
-                if now is not None and int(now) != dim:
+                now = Config.from_meta(db.meta(), db.path).dim
+                if now is not None and now != dim:
                     raise ConfigMismatchError(
                         f"dim={dim} was asked for, but {db.path} has dim={now}")
                 db.set_meta(dim=dim)

@@ -65,6 +65,9 @@ def load(db, config: Config, old):
     dead = db.tombstones()
     if dead:
         kept.remove(np.asarray(dead, np.int64))
+    if len(kept.ids) != count + len(dead):
+        raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
+                           f"store {count} and {len(dead)} deleted: the file is corrupted")
     return Snapshot(version, epoch, count, first + nread, kept)
 
 
@@ -135,6 +138,8 @@ def after_add(snap, config, version, x, ids, appended):
     """
     if snap is None or snap.version != version or (version and appended is None):
         return False
+    if not version and snap.index.vectors.shape[1] != x.shape[1]:
+        return False  # loaded before the store had a dimension
     snap.count += len(ids)
     if version:
         snap.index.append(ids, *appended)

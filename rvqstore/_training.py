@@ -12,22 +12,33 @@ from ._config import meta_int, unpack
 from . import _snapshot
 from ._writes import report, write_blocks
 from .algo import ResidualQuantizer
-from .errors import NotTrainedError, RvqstoreError
+from .errors import LockedError, NotTrainedError, RvqstoreError
 from .storage import codes as codeblocks
 from .storage import pack_codebooks
 
 
 def fit(db, config, progress):
-    """Train, encode everything and switch to the new version (the work of train/retrain)."""
+    """Train, encode everything and switch to the new version (the work of train/retrain).
+
+    Holds the store's build lock throughout, so that no other writer takes the version
+    being built for the leftover of a crash and drops it.
+    """
+    with db.build_lock():
+        _fit(db, config, progress)
+
+
+def _fit(db, config, progress):
     c = config
     n = db.count()
     if n < c.codebook_size:
         raise NotTrainedError(
             f"training needs at least codebook_size={c.codebook_size} vectors, the store has {n}")
     rng = np.random.default_rng(c.seed)
-    all_ids = np.asarray(db.all_ids(), np.int64)
-    sample_ids = np.sort(rng.choice(all_ids, min(n, c.train_sample), replace=False))
-    blobs = db.fetch_vectors(sample_ids.tolist())
+    with db.read():  # one snapshot: ids deleted meanwhile would be missing from the fetch
+        all_ids = np.asarray(db.all_ids(), np.int64)
+        sample_ids = np.sort(rng.choice(all_ids, min(len(all_ids), c.train_sample),
+                                        replace=False))
+        blobs = db.fetch_vectors(sample_ids.tolist())
     sample = unpack(db, [blobs[i] for i in sample_ids.tolist()], c, sample_ids.tolist())
     rq = ResidualQuantizer.train(sample, stages=c.stages, codebook_size=c.codebook_size,
                                  beam_width=c.train_beam, seed=rng, progressive_dim=True,
@@ -51,6 +62,10 @@ def fit(db, config, progress):
         block += 1
         done += len(ids)
     with db.write():
+        row = db.codebooks_row(version)
+        if row is None or row["state"] != "building":
+            raise RvqstoreError(f"{db.path}: codebook version {version} was dropped while it "
+                                "was being built; the active version is unchanged")
         # vectors added meanwhile by another connection are encoded here, in the switch
         covered = set(_snapshot.read_codes(db, c, version)[0].tolist())
         live = db.all_ids()
@@ -75,12 +90,20 @@ def fit(db, config, progress):
 
 
 def drop_stale_builds(db):
+    """Drop the 'building' versions a crashed fit left, unless a fit is running now."""
     active = meta_int(db.meta(), "active_version", db.path)
-    stale = db.stale_building_versions(active)
-    if stale:
-        with db.write():
-            for v in stale:
-                db.drop_version(v)
+    if not db.build_locks or not db.stale_building_versions(active):
+        return
+    try:
+        with db.build_lock():  # no fit runs while we hold it
+            active = meta_int(db.meta(), "active_version", db.path)
+            stale = db.stale_building_versions(active)
+            if stale:
+                with db.write():
+                    for v in stale:
+                        db.drop_version(v)
+    except LockedError:
+        pass  # a fit is running: its version is not stale
 
 
 def check(db, config):

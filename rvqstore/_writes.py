@@ -58,10 +58,11 @@ def add(db, config, x, ids, keys, *, skip_existing_keys, snap, codecs, seen_vers
         fresh = snap is not None and db.data_version() == seen_version
         meta = db.meta()
         if config.dim is None:
-            if "dim" in meta and int(meta["dim"]) != x.shape[1]:
+            stored_dim = Config.from_meta(meta, db.path).dim
+            if stored_dim is not None and stored_dim != x.shape[1]:
                 # another connection set the dimension first
                 raise DimensionMismatchError(
-                    f"vectors have dim={x.shape[1]}, store has dim={meta['dim']}")
+                    f"vectors have dim={x.shape[1]}, store has dim={stored_dim}")
             config = replace(config, dim=x.shape[1])
             db.set_meta(dim=x.shape[1])
         out = None

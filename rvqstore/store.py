@@ -16,7 +16,7 @@ from . import _config, _snapshot, _training, _writes
 from . import algo
 from ._config import meta_int
 from .algo import SearchResult
-from .algo.validate import METRICS, check_k
+from .algo.validate import MAX_K, METRICS, check_k
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
                      StoreClosedError)
 from .storage import ORIGINAL_FORMATS, translate_errors
@@ -25,6 +25,15 @@ __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
+
+
+def _padded(res, k):
+    """The first k columns of ``res``, padded with id -1 and distance +inf."""
+    ids = np.full((len(res.ids), k), -1, np.int64)
+    dist = np.full((len(res.ids), k), np.inf, np.float32)
+    m = min(k, res.ids.shape[1])
+    ids[:, :m], dist[:, :m] = res.ids[:, :m], res.distances[:, :m]
+    return SearchResult(ids, dist)
 
 
 def _translated(method):
@@ -157,6 +166,7 @@ class Store:
         dv = db.data_version()
         if self._snap is not None and dv == self._seen_version:
             return self._snap
+        self._learn_dim()
         with db.read():
             snap = _snapshot.load(db, self.config, self._snap)
         self._snap = snap
@@ -164,6 +174,14 @@ class Store:
         # refresh rather than being missed
         self._seen_version = dv
         return snap
+
+    def _learn_dim(self):
+        """Take the dimension another connection gave the store (by its first add)."""
+        if self.config.dim is None:
+            with self._db.read():
+                dim = _config.Config.from_meta(self._db.meta(), self.path).dim
+            if dim is not None:
+                self.config = dataclasses.replace(self.config, dim=dim)
 
     def _invalidate(self):
         self._snap = None
@@ -182,6 +200,7 @@ class Store:
         return self._current().index
 
     def _unpack(self, blobs, ids=None):
+        self._learn_dim()
         return _config.unpack(self._db, blobs, self.config, ids)
 
     # -- input checks -----------------------------------------------------------------------
@@ -382,6 +401,7 @@ class Store:
         query; padded with id -1 and distance +inf when fewer than k vectors exist.
         """
         db = self._live()
+        self._learn_dim()
         single = np.ndim(queries) == 1
         q = self._vectors(queries, name="queries", allow_1d=True)
         k = check_k(k)
@@ -390,6 +410,8 @@ class Store:
             rerank = DEFAULT_RERANK if self.config.keep_originals else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
             raise InvalidInputError(f"rerank must be an integer >= 1, got {rerank!r}")
+        if rerank > MAX_K:
+            raise InvalidInputError(f"rerank must be at most {MAX_K:,}, got {rerank}")
         if rerank > 1 and not self.config.keep_originals:
             raise OriginalsMissingError("rerank needs the originals; this store does not keep them")
         snap = self._current()
@@ -400,11 +422,12 @@ class Store:
         if not snap.version:
             res = index.search(q, k=k, allow=allow)
         else:
-            res = index.search(q, k=k * rerank, allow=allow)
+            # more candidates than rows would only allocate padding
+            res = index.search(q, k=max(min(k * rerank, len(index.ids)), 1), allow=allow)
             if rerank > 1:
                 res = algo.rerank(q, res.ids, self._fetch, k=k, metric=self.metric)
             else:
-                res = SearchResult(res.ids[:, :k], res.distances[:, :k])
+                res = _padded(res, k)
         keys = None
         if with_keys:
             found = db.keys_for_ids(np.unique(res.ids[res.ids >= 0]).tolist())

@@ -6,6 +6,8 @@ runs nothing the file holds, and leaves the file as it was.
 """
 
 import hashlib
+import pathlib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -291,3 +293,95 @@ def test_a_held_lock_is_a_locked_error_naming_the_file(made):
         holder.wait(timeout=10)
     with Store.open(path) as s:
         assert s.delete([7]) == 1
+
+
+# -- found in review: each failed before its fix ------------------------------------------
+
+LEGACY = pathlib.Path(__file__).parent / "fixtures" / "legacy-v1-trained.db"
+
+
+def schema_of(path):
+    con = sqlite3.connect(path)
+    v = con.execute("SELECT MAX(version) FROM rvq_migrations").fetchone()[0]
+    con.close()
+    return v
+
+
+@pytest.mark.parametrize("bad", ["text original", "bad dim"])
+def test_a_legacy_file_is_checked_before_it_is_upgraded(tmp_path, bad):
+    path = tmp_path / "old.db"
+    shutil.copy(LEGACY, path)
+    if bad == "text original":
+        edit(path, ("UPDATE rvq_vectors SET vector = 'not a blob' WHERE id = 4",))
+        named = "id 4"
+    else:
+        edit(path, ("UPDATE rvq_meta SET value = 'abc' WHERE key = 'dim'",))
+        named = "dim"
+    before = digest(path)
+    with pytest.raises(BadFileError, match=named):
+        Store.open(path)
+    assert schema_of(path) == 1 and digest(path) == before
+
+
+def test_a_full_disk_during_the_upgrade_is_a_disk_full_error(tmp_path):
+    path = tmp_path / "old.db"
+    shutil.copy(LEGACY, path)
+    with pytest.raises(DiskFullError):
+        Store.open(path, max_bytes=path.stat().st_size)
+    assert schema_of(path) == 1
+    with Store.open(path) as s:
+        assert s.check() == []
+
+
+def test_a_legacy_reader_follows_the_upgrade_of_its_file(tmp_path):
+    path = tmp_path / "old.db"
+    shutil.copy(LEGACY, path)
+    with Store.open(path, readonly=True) as r:
+        first = r.search(r.get([0])[0], k=3).ids
+        with Store.open(path) as w:  # upgrades to checksums, then adds
+            w.add(np.ones((1, 16), np.float32) * 9)
+        np.testing.assert_array_equal(r.search(r.get([0])[0], k=3).ids, first)
+        assert len(r) == 298
+
+
+def test_missing_code_blocks_are_not_answered_from(made):
+    path, x = made
+    edit(path, ("DELETE FROM rvq_blocks WHERE block >= 1",))
+    with Store.open(path, readonly=True) as s:
+        with pytest.raises(BadFileError, match="code blocks hold 256 vectors"):
+            s.search(x[0], k=3)
+
+
+def test_zstd_frames_beyond_the_ratio_the_store_writes(tmp_path):
+    path = tmp_path / "z.db"
+    with Store.open(path, dim=4096, originals="zstd") as s:
+        s.add(np.zeros((1, 4096), np.float32), ids=[1])  # compresses ~1000x: stored raw
+        s.add(np.random.default_rng(0).standard_normal((1, 4096)), ids=[2])
+        np.testing.assert_array_equal(s.get([1]), 0)
+    con = sqlite3.connect(path)
+    assert len(con.execute("SELECT vector FROM rvq_vectors WHERE id = 1").fetchone()[0]) \
+        == 4 * 4096 + 4
+    con.close()
+    frame = zstandard.ZstdCompressor().compress(bytes(4 * 4096))
+    edit(path, ("UPDATE rvq_vectors SET vector = ? WHERE id = 2",
+                (frame + zlib.crc32(frame).to_bytes(4, "little"),)))
+    with Store.open(path, readonly=True) as s:
+        with pytest.raises(BadFileError, match="beyond the 16x"):
+            s.get([2])
+
+
+def test_huge_k_or_rerank(made):
+    path, x = made
+    with Store.open(path, readonly=True) as s:
+        with pytest.raises(InvalidInputError, match="k must be"):
+            s.search(x[0], k=10**9)
+        with pytest.raises(InvalidInputError, match="rerank must be"):
+            s.search(x[0], k=10, rerank=10**9)
+        res = s.search(x[:2], k=700, rerank=1000)  # more than the store holds: padded
+        assert res.ids.shape == (2, 700) and (res.ids[:, 599:] == -1).all()
+        assert res.ids[0, 0] == 0
+
+
+def test_a_folder_is_a_bad_file(tmp_path):
+    with pytest.raises(BadFileError, match="folder"):
+        Store.open(tmp_path)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from rvqstore import ConfigMismatchError, OriginalsMissingError, Store, StoreClosedError
+from rvqstore import (ConfigMismatchError, EmptyStoreError, OriginalsMissingError, Store,
+                      StoreClosedError)
 from rvqstore.algo import exact_search
 
 from conftest import clustered
@@ -423,3 +424,40 @@ def test_search_can_exclude_ids(trained, vecs):
     np.testing.assert_array_equal(res.ids[0][:4], [i for i in plain.ids[0] if i not in (0, 1)][:4])
     one = trained.search(vecs[3], k=3, exclude=3, with_keys=True)
     assert 3 not in one.ids and len(one.keys) == 3
+
+
+def test_a_writer_opening_during_a_retrain_keeps_the_build(tmp_path):
+    path = tmp_path / "r.db"
+    x = clustered(3000, 16, seed=8)
+    with Store.open(path, dim=16, stages=4, codebook_size=16, block_size=500) as a:
+        a.add(x)
+        a.train()
+
+        def open_another(phase, done, total):
+            if phase == "encode" and done == 1000:
+                with Store.open(path) as b:  # a writer's open drops stale builds
+                    assert b.search(x[1], k=1).ids[0] == 1
+
+        a.retrain(progress=open_another)
+        assert a.info()["codebook_version"] == 2 and a.check() == []
+        assert a.search(x[5], k=1).ids[0] == 5
+
+
+def test_a_dimension_set_by_another_connection(tmp_path):
+    path = tmp_path / "d.db"
+    with Store.open(path) as a, Store.open(path) as b:
+        with pytest.raises(EmptyStoreError):
+            a.search(np.ones(8, np.float32), k=1)  # loaded before any dimension
+        b.add(np.eye(8, dtype=np.float32))
+        assert a.search(np.eye(8, dtype=np.float32)[3], k=1).ids[0] == 3
+        np.testing.assert_array_equal(a.get([2])[0], np.eye(8)[2])
+        a.add(np.ones((1, 8), np.float32))
+        assert len(a) == 9 and len(b) == 9
+
+
+def test_an_add_after_searching_an_empty_store_without_dimension(tmp_path):
+    with Store.open(tmp_path / "e.db") as s:
+        with pytest.raises(EmptyStoreError):
+            s.search(np.ones(4, np.float32), k=1)
+        s.add(np.eye(4, dtype=np.float32))
+        assert s.search(np.eye(4, dtype=np.float32)[2], k=1).ids[0] == 2

@@ -50,9 +50,13 @@ def check_k(k):
     """Return ``k`` as an int, refusing non-integers and values <= 0."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-    if k <= 0:
-        raise InvalidInputError(f"k must be a positive integer, got k={k}")
+    if not 0 < k <= MAX_K:
+        raise InvalidInputError(f"k must be a positive integer up to {MAX_K:,}, got k={k}")
     return int(k)
+
+
+MAX_K = 1 << 20
+"""Largest k a search returns (results are allocated as (nq, k))."""
 
 
 METRICS = ("l2", "ip", "cosine")

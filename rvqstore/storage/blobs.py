@@ -18,6 +18,10 @@ from ..errors import BadFileError
 
 ORIGINAL_FORMATS = ("float32", "float16", "zstd")
 CRC_BYTES = 4
+ZSTD_MAX_RATIO = 16
+"""A zstd original inflates at most this many times: a crafted file cannot make a reader
+allocate more than a small multiple of its size. Rows that compress better (all-zero
+vectors, say) are stored raw: real embeddings compress about 1.4x."""
 
 _zc = zstandard.ZstdCompressor(level=3)
 _zd = zstandard.ZstdDecompressor()
@@ -31,7 +35,8 @@ def checksum(*parts):
     return crc
 
 
-def _with_crc(payload):
+def with_crc(payload):
+    """``payload`` followed by its CRC-32 (how originals are stored)."""
     return payload + checksum(payload).to_bytes(CRC_BYTES, "little")
 
 
@@ -49,8 +54,15 @@ def pack_originals(vectors, fmt):
     else:
         rows = [r.tobytes() for r in vectors.astype("<f4")]
         if fmt == "zstd":
-            rows = [_zc.compress(r) for r in rows]
-    return [_with_crc(r) for r in rows]
+            rows = [zstd_or_raw(r) for r in rows]
+    return [with_crc(r) for r in rows]
+
+
+def zstd_or_raw(raw):
+    """``raw`` compressed, unless that does not save bytes or exceeds ``ZSTD_MAX_RATIO``
+    (then ``raw`` itself, which readers tell apart by its length)."""
+    frame = _zc.compress(raw)
+    return frame if len(frame) * ZSTD_MAX_RATIO >= len(raw) and len(frame) < len(raw) else raw
 
 
 def _payload(blob, checked, what):
@@ -67,6 +79,11 @@ def _payload(blob, checked, what):
 def _inflate(frame, dim, what):
     """A zstd frame of one original, refused unless it declares exactly ``dim`` floats."""
     want = 4 * dim
+    if len(frame) == want:
+        return frame  # stored raw (see zstd_or_raw)
+    if len(frame) * ZSTD_MAX_RATIO < want:
+        raise BadFileError(f"{what} is a {len(frame)}-byte frame for {want} bytes, beyond the "
+                           f"{ZSTD_MAX_RATIO}x the store writes: the file is corrupted")
     try:
         size = zstandard.frame_content_size(frame)
         if size != want:

@@ -5,6 +5,11 @@ Knows bytes and rows, never distances. One ``Database`` per open store.
 
 import contextlib
 import os
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are never taken for stale (see Database.builds_idle)
+    fcntl = None
 import sqlite3
 import stat
 import time
@@ -111,6 +116,8 @@ class Database:
             raise ReadOnlyError(f"{self.path} is a read-only file: open it with readonly=True")
         if readonly and not exists:
             raise BadFileError(f"{self.path} does not exist")
+        if exists and os.path.isdir(self.path):
+            raise BadFileError(f"{self.path} is a folder, not a store file")
         if exists:
             _check_header(self.path)
         try:
@@ -138,16 +145,25 @@ class Database:
                 # FULL: a commit returned to the caller survives power loss (the WAL is
                 # synced at every commit); NORMAL survives a killed process only
                 conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-                migrations.apply_pending(conn, self.path)
-                self.schema_version = migrations.LATEST
-                if conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                if self.schema_version == 0:  # a new file: its schema first
+                    self.upgrade()
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.conn.close()
             if isinstance(exc, sqlite3.Error):
                 raise _classify(exc, self.path, timeout) from exc
             raise
+
+    def upgrade(self, progress=None):
+        """Apply the migrations this file lacks (a read-write open does, once the caller
+        has checked what the file holds)."""
+        if self.readonly or self.schema_version >= migrations.LATEST:
+            return
+        with translate_errors(self.path, self.timeout):
+            migrations.apply_pending(self.conn, self.path, progress=progress)
+            self.schema_version = migrations.LATEST
+            if self.conn.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     @property
     def checked(self):
@@ -164,7 +180,8 @@ class Database:
                 raise BadFileError(f"{self.path} is an SQLite file but not an rvqstore store")
             version = schema.verify(self.conn, self.path)
         finally:
-            self.conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # never in place of the error raised
+                self.conn.execute("ROLLBACK")
         if self.readonly and version == 0:
             raise BadFileError(f"{self.path} is not an rvqstore store (no schema)")
         self.schema_version = version
@@ -173,6 +190,35 @@ class Database:
         if self._orig is not None:
             self._orig.close()
         self.conn.close()
+
+    # -- codebook builds --------------------------------------------------------------------
+
+    def _build_lock_file(self):
+        return open(self.path + "-build", "a+b")
+
+    @contextlib.contextmanager
+    def build_lock(self):
+        """Held while this connection builds a codebook version: a lock on ``PATH-build``
+        that the OS releases when the process dies, so that a writer opening the store
+        drops only builds that nobody runs any more."""
+        if fcntl is None:
+            yield
+            return
+        with self._build_lock_file() as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(f"{self.path} is being retrained by another connection; "
+                                  "try again when it has finished") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @property
+    def build_locks(self):
+        """Whether builds are locked (POSIX); elsewhere no build is ever taken for stale."""
+        return fcntl is not None
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -208,6 +254,9 @@ class Database:
             return
         with translate_errors(self.path, self.timeout):
             self.conn.execute("BEGIN")
+            if 0 < self.schema_version < migrations.LATEST:
+                # an older file read as it is: a writer may have upgraded it since
+                self.schema_version = schema.verify(self.conn, self.path)
         try:
             yield self
         except BaseException:

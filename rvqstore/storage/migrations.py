@@ -4,13 +4,16 @@ The files live in the top-level ``migrations/`` folder of the source tree and sh
 the wheel as the ``rvqstore.migrations`` package data.
 """
 
+import contextlib
 import importlib.resources
 import pathlib
 import re
 import sqlite3
 
-from ..errors import SchemaTooNewError
-from .blobs import checksum
+import zstandard
+
+from ..errors import BadFileError, SchemaTooNewError
+from .blobs import ZSTD_MAX_RATIO, checksum, with_crc
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -79,19 +82,49 @@ def apply_pending(conn, path, *, upto=None, progress=None):
                          (version, name))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk): keep the error that ended it
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             raise
+
+
+def _blob(value, what):
+    if not isinstance(value, bytes):
+        raise BadFileError(f"{what} holds a {type(value).__name__}, not a BLOB: "
+                           "the file is corrupted (left at schema 1)")
+    return value
+
+
+def _original(vec, i, repack):
+    """A schema-1 original as schema 2 stores it (without its CRC): zstd frames that
+    inflate beyond ``ZSTD_MAX_RATIO``, or save nothing, are stored raw."""
+    what = f"the original of id {i}"
+    vec = _blob(vec, what)
+    if repack:
+        size = zstandard.frame_content_size(vec)
+        # (a frame as long as its content would read as a raw row)
+        if 0 < size <= 4 * 65536 and (len(vec) * ZSTD_MAX_RATIO < size or len(vec) >= size):
+            try:
+                return zstandard.ZstdDecompressor().decompress(vec, max_output_size=size)
+            except zstandard.ZstdError as exc:
+                raise BadFileError(f"{what} does not decompress ({exc})") from None
+    return vec
 
 
 def _add_checksums(conn, progress):
     """Schema 2: CRC-32 of every codebook and block, and appended to every original."""
     for version, data in conn.execute("SELECT version, data FROM rvq_codebooks").fetchall():
-        conn.execute("UPDATE rvq_codebooks SET checksum = ? WHERE version = ?",
-                     (checksum(data), version))
-    for v, b, i, c, n in conn.execute(
-            "SELECT version, block, ids, codes, norms FROM rvq_blocks").fetchall():
+        crc = checksum(_blob(data, f"codebook version {version}"))
+        conn.execute("UPDATE rvq_codebooks SET checksum = ? WHERE version = ?", (crc, version))
+    keys = conn.execute("SELECT version, block FROM rvq_blocks").fetchall()
+    for v, b in keys:  # one block in memory at a time
+        row = conn.execute("SELECT ids, codes, norms FROM rvq_blocks WHERE version = ? AND "
+                           "block = ?", (v, b)).fetchone()
+        crc = checksum(*(_blob(x, f"code block {b}") for x in row))
         conn.execute("UPDATE rvq_blocks SET checksum = ? WHERE version = ? AND block = ?",
-                     (checksum(i, c, n), v, b))
+                     (crc, v, b))
+    fmt = conn.execute("SELECT value FROM rvq_meta WHERE key = 'originals'").fetchone()
+    repack = fmt is not None and fmt[0] == "zstd"
     total = conn.execute("SELECT COUNT(*) FROM rvq_vectors").fetchone()[0]
     last, done = -(1 << 63), 0
     while True:
@@ -100,7 +133,7 @@ def _add_checksums(conn, progress):
         if not rows:
             break
         conn.executemany("UPDATE rvq_vectors SET vector = ? WHERE id = ?",
-                         [(bytes(vec) + checksum(vec).to_bytes(4, "little"), i)
+                         [(with_crc(_original(vec, i, repack)), i)
                           for i, vec in rows if vec is not None])
         last, done = rows[-1][0], done + len(rows)
         if progress is not None:
