@@ -85,7 +85,11 @@ class _VectorType(click.ParamType):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 80})
 @click.version_option(__version__, "--version", prog_name="rvqstore")
-def main():
+@click.option("--timeout", type=click.FloatRange(0, 86400), default=10.0, show_default=True,
+              envvar="RVQSTORE_TIMEOUT", metavar="SECONDS",
+              help="How long to wait for another connection's write lock.")
+@click.pass_context
+def main(ctx, timeout):
     """rvqstore: a vector store in one SQLite file (RVQ codes, ADC search, exact rerank).
 
     Every command takes the store file first, then its arguments:
@@ -144,7 +148,9 @@ def _removed_on_error(db):
 
 def _open(db, *, readonly=False, create=False, **config):
     """Open a store; only ``create`` (and ``add``) make a new file."""
-    return Store.open(db, readonly=readonly, create=create, **config)
+    ctx = click.get_current_context(silent=True)
+    timeout = ctx.find_root().params.get("timeout", 10.0) if ctx is not None else 10.0
+    return Store.open(db, readonly=readonly, create=create, timeout=timeout, **config)
 
 
 class _Progress:

@@ -385,3 +385,37 @@ def test_huge_k_or_rerank(made):
 def test_a_folder_is_a_bad_file(tmp_path):
     with pytest.raises(BadFileError, match="folder"):
         Store.open(tmp_path)
+
+
+@pytest.mark.parametrize("craft", ["bad setting", "trigger", "flipped codes", "held lock"])
+def test_the_cli_reports_a_bad_file_in_one_line(made, craft):
+    from click.testing import CliRunner
+
+    from rvqstore.cli import main
+
+    path, _ = made
+    holder = None
+    if craft == "bad setting":
+        edit(path, ("UPDATE rvq_meta SET value = 'abc' WHERE key = 'dim'",))
+    elif craft == "trigger":
+        edit(path, ("CREATE TRIGGER t AFTER INSERT ON rvq_vectors BEGIN SELECT 1; END",))
+    elif craft == "flipped codes":
+        flip(path, "rvq_blocks", "codes", "block = 0", [3])
+    else:
+        holder = sqlite3.connect(path, isolation_level=None, timeout=0)
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        commands = {"search": ["search", str(path), "--id", "3", "-k", "2"],
+                    "delete": ["delete", str(path), "--id", "9"]}
+        # reads go on under a write lock; a delete reads no codes
+        wanted = {"held lock": ["delete"], "flipped codes": ["search"]}.get(craft, commands)
+        for args in (commands[c] for c in wanted):
+            env = {"RVQSTORE_TIMEOUT": "0.2"}
+            result = CliRunner().invoke(main, args, env=env)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 1 and len(lines) == 1, result.output
+            assert lines[0].startswith("Error: ") and str(path) in lines[0]
+            assert result.exception is None or isinstance(result.exception, SystemExit)
+    finally:
+        if holder is not None:
+            holder.close()
