@@ -7,8 +7,9 @@ opening, input checks), ``_snapshot`` (the in-memory arrays searches scan), ``_w
 """
 
 import dataclasses
-import os
 import functools
+import os
+import sqlite3
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .algo import SearchResult
 from .algo.validate import MAX_K, METRICS, check_k
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
                      StoreClosedError)
-from .storage import ORIGINAL_FORMATS, translate_errors
+from .storage import ORIGINAL_FORMATS, classify, translate_errors
 
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
@@ -29,6 +30,8 @@ DEFAULT_RERANK = 10
 
 def _padded(res, k):
     """The first k columns of ``res``, padded with id -1 and distance +inf."""
+    if res.ids.shape[1] >= k:
+        return SearchResult(res.ids[:, :k], res.distances[:, :k])
     ids = np.full((len(res.ids), k), -1, np.int64)
     dist = np.full((len(res.ids), k), np.inf, np.float32)
     m = min(k, res.ids.shape[1])
@@ -41,8 +44,10 @@ def _translated(method):
     subclass naming the file (disk full, locked, I/O, corruption)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with translate_errors(self._db.path, self._db.timeout):
+        try:  # not a context manager: this wraps every search
             return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise classify(exc, self._db.path, self._db.timeout) from exc
     return wrapper
 
 

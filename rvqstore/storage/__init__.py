@@ -2,7 +2,7 @@
 
 from .blobs import (ORIGINAL_FORMATS, pack_block, pack_codebooks, pack_originals, unpack_block,
                     unpack_codebooks, unpack_originals)
-from .db import Database, translate_errors
+from .db import Database, classify, translate_errors
 
-__all__ = ["Database", "translate_errors", "ORIGINAL_FORMATS", "pack_block", "pack_codebooks", "pack_originals",
+__all__ = ["Database", "classify", "translate_errors", "ORIGINAL_FORMATS", "pack_block", "pack_codebooks", "pack_originals",
            "unpack_block", "unpack_codebooks", "unpack_originals"]

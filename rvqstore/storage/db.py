@@ -27,7 +27,7 @@ PAGE_BYTES = 8192
 BUSY_SECONDS = 10.0
 
 
-def _classify(exc, path, timeout=BUSY_SECONDS):
+def classify(exc, path, timeout=BUSY_SECONDS):
     """The rvqstore error for an SQLite error on the file at ``path``."""
     msg = str(exc)
     if isinstance(exc, RvqstoreError):
@@ -55,7 +55,7 @@ def translate_errors(path, timeout=BUSY_SECONDS):
     try:
         yield
     except sqlite3.Error as exc:
-        raise _classify(exc, path, timeout) from exc
+        raise classify(exc, path, timeout) from exc
 
 
 def _harden(conn):
@@ -151,7 +151,7 @@ class Database:
             with contextlib.suppress(Exception):
                 self.conn.close()
             if isinstance(exc, sqlite3.Error):
-                raise _classify(exc, self.path, timeout) from exc
+                raise classify(exc, self.path, timeout) from exc
             raise
 
     def upgrade(self, progress=None):
@@ -230,21 +230,21 @@ class Database:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _classify(exc, self.path, self.timeout) from exc
+            raise classify(exc, self.path, self.timeout) from exc
         try:
             yield self
         except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
-                raise _classify(exc, self.path, self.timeout) from exc
+                raise classify(exc, self.path, self.timeout) from exc
             raise
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
-            raise _classify(exc, self.path, self.timeout) from exc
+            raise classify(exc, self.path, self.timeout) from exc
 
     @contextlib.contextmanager
     def read(self):
@@ -275,7 +275,7 @@ class Database:
         try:
             return self.conn.execute(sql, params)
         except sqlite3.DatabaseError as exc:
-            raise _classify(exc, self.path, self.timeout) from exc
+            raise classify(exc, self.path, self.timeout) from exc
 
     # -- meta -------------------------------------------------------------------------------
 
@@ -346,7 +346,7 @@ class Database:
             blob, n = self._originals_conn().execute(
                 sql.format(",".join("?" * len(ids))), ids).fetchone()
         except sqlite3.DatabaseError as exc:
-            raise _classify(exc, self.path, self.timeout) from exc
+            raise classify(exc, self.path, self.timeout) from exc
         return blob if n == len(ids) else None
 
     def delete_vectors(self, ids):
