@@ -7,6 +7,7 @@ Public methods of :class:`~rvqstore.store.Store` call these to validate; nothing
 does distance math.
 """
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -255,12 +256,19 @@ def resolve(db, ids, keys):
 
 # -- stored originals -----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def naming(path):
+    """Prefix the ``BadFileError`` of a BLOB read from ``path`` with the file's name."""
+    try:
+        yield
+    except BadFileError as exc:
+        raise BadFileError(f"{path}: {exc}") from None
+
+
 def unpack(db, blobs, config, ids=None):
     """Stored original blobs (of ``ids``, named in errors) as float32 (n, dim), their CRCs
     checked; refused when the store keeps none."""
     if any(b is None for b in blobs):
         raise OriginalsMissingError("this store does not keep original vectors")
-    try:
+    with naming(db.path):
         return unpack_originals(blobs, config.originals, config.dim, ids=ids, checked=db.checked)
-    except BadFileError as exc:
-        raise BadFileError(f"{db.path}: {exc}") from None

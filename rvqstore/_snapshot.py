@@ -13,7 +13,7 @@ from typing import Union
 
 import numpy as np
 
-from ._config import Config, meta_int, unpack
+from ._config import Config, meta_int, naming, unpack
 from .algo import ResidualQuantizer
 from .algo.index import ExactIndex, FlatCodeIndex
 from .errors import BadFileError
@@ -88,10 +88,8 @@ def layout(config):
 def read_codes(db, config, version, first=0):
     """The checked codes of ``version`` from block ``first`` on (see
     :func:`rvqstore.storage.codes.read_codes`); errors name the file."""
-    try:
+    with naming(db.path):
         return codeblocks.read_codes(db, version, layout(config), first)
-    except BadFileError as exc:
-        raise BadFileError(f"{db.path}: {exc}") from None
 
 
 def codec(db, config, version, *, state="active"):
@@ -169,10 +167,8 @@ def fetch_originals(db, config, ids):
     if fmt != "zstd" and len(ids) <= 900:
         blob = db.fetch_concat(ids.tolist())
         if blob is not None:
-            try:
+            with naming(db.path):
                 return unpack_concat(blob, fmt, dim, ids, checked=db.checked)
-            except BadFileError as exc:
-                raise BadFileError(f"{db.path}: {exc}") from None
     # some candidates were deleted by another connection since our arrays were read:
     # NaN rows rank them last and rerank drops them
     blobs = db.fetch_vectors(ids.tolist())
