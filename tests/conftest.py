@@ -1,3 +1,6 @@
+import os
+import select
+
 import numpy as np
 import pytest
 
@@ -47,3 +50,17 @@ def trained(store_path, vecs):
     s.train()
     yield s
     s.close()
+
+
+def read_line(proc, timeout=60):
+    """The next line ``proc`` writes to its (binary, unbuffered) stdout; "" at its end.
+    Only whole lines count: a child killed mid-print leaves a line without its newline."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"no line from the child process in {timeout} s (got {buf!r} so far)"
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            break
+        buf += byte
+    return buf.decode()

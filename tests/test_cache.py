@@ -1,9 +1,7 @@
 """EmbeddingCache: keys, misses only, duplicates once, model record, validation, processes."""
 
 import hashlib
-import os
 import pathlib
-import select
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,8 @@ import pytest
 
 from rvqstore import (ConfigMismatchError, DimensionMismatchError, EmbeddingCache,
                       InvalidInputError, ReadOnlyError, StoreClosedError, Store, UnknownIdError)
+
+from conftest import read_line
 
 DIM = 32
 
@@ -288,19 +288,6 @@ WORKER = textwrap.dedent("""
         np.save(out, cache.embed(texts))
         print("computed", cache.computed, flush=True)
 """)
-
-
-def read_line(proc, timeout=60):
-    """The next line ``proc`` writes to its (binary, unbuffered) stdout; "" at its end."""
-    buf = b""
-    while not buf.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        assert ready, f"no line from the worker in {timeout} s (got {buf!r} so far)"
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            break
-        buf += byte
-    return buf.decode()
 
 
 def test_two_processes_fill_one_cache_without_losing_or_doubling(path, tmp_path):

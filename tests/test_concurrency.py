@@ -9,8 +9,6 @@ both readers have seen the step's state, so the readers are searching while ever
 operations commit, with no sleeps.
 """
 
-import os
-import select
 import subprocess
 import sys
 import textwrap
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rvqstore import Store
+from conftest import read_line
 
 DIM = 16
 B = 10           # vectors per batch: batch b holds ids b*B .. b*B+B-1
@@ -147,19 +146,6 @@ CHILD = textwrap.dedent("""
     import test_concurrency
     getattr(test_concurrency, sys.argv[1])(sys.argv[2])
 """)
-
-
-def read_line(proc, timeout=30):
-    """The next line ``proc`` writes to its (binary, unbuffered) stdout; "" at its end."""
-    buf = b""
-    while not buf.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        assert ready, f"nothing from the process in {timeout} s (got {buf!r} so far)"
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            break
-        buf += byte
-    return buf.decode()
 
 
 def test_readers_in_other_processes_see_only_whole_committed_states(tmp_path):

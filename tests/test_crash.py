@@ -8,8 +8,6 @@ passes ``PRAGMA integrity_check`` and ``Store.check()``, and its vectors find th
 (all of them after a retrain or compact, a sample after adds and deletes).
 """
 
-import os
-import select
 import signal
 import sqlite3
 import subprocess
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 
 from rvqstore import ResidualQuantizer, Store
+from conftest import read_line
 
 DIM, STAGES, CODEBOOK = 16, 4, 16
 BLOCK = 64          # small blocks: a retrain commits its codes in 19+ transactions
@@ -148,19 +147,6 @@ def make_store(path):
         for b in range(BASE):
             s.add(batch_vectors(b), ids=batch_ids(b), keys=batch_keys(b))
         s.train()
-
-
-def read_line(proc, timeout=30):
-    """The next line ``proc`` writes to its (binary, unbuffered) stdout; "" at its end."""
-    buf = b""
-    while not buf.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        assert ready, f"nothing from the child in {timeout} s (got {buf!r} so far)"
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            break
-        buf += byte
-    return buf.decode()
 
 
 def kill_child(script, path, mode, first, prefix, count, delay):
