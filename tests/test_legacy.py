@@ -1,7 +1,7 @@
 """Stores written by earlier releases open, upgrade and answer as they did.
 
-``tests/fixtures/legacy-v1-*.db`` were written by rvqstore 0.1.0 (schema 1) with
-``make_legacy_v1.py``, which also recorded their search results.
+``tests/fixtures/legacy-vN-*.db`` were written at schema N by ``make_legacy_vN.py``
+(v1: rvqstore 0.1.0; v2: checksums, before metadata), which also recorded their answers.
 """
 
 import json
@@ -14,15 +14,17 @@ import pytest
 from rvqstore import Store
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-EXPECTED = json.loads((FIXTURES / "legacy-v1-expected.json").read_text())
+EXPECTED = {v: json.loads((FIXTURES / f"legacy-{v}-expected.json").read_text())
+            for v in ("v1", "v2")}
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("name", ["trained", "untrained"])
-def test_legacy_v1_store_opens_upgrades_and_searches(tmp_path, name):
+def test_legacy_store_opens_upgrades_and_searches(tmp_path, version, name):
     path = tmp_path / f"{name}.db"
-    shutil.copy(FIXTURES / f"legacy-v1-{name}.db", path)
-    want = EXPECTED[name]
-    queries = np.asarray(EXPECTED["queries"], np.float32)
+    shutil.copy(FIXTURES / f"legacy-{version}-{name}.db", path)
+    want = EXPECTED[version][name]
+    queries = np.asarray(EXPECTED[version]["queries"], np.float32)
     with Store.open(path) as s:
         assert len(s) == want["count"]
         assert s.info()["trained"] == want["info"]["trained"]
@@ -41,8 +43,8 @@ def test_legacy_v1_store_reads_read_only_without_upgrading(tmp_path):
     path = tmp_path / "ro.db"
     shutil.copy(FIXTURES / "legacy-v1-trained.db", path)
     before = path.read_bytes()
-    queries = np.asarray(EXPECTED["queries"], np.float32)
+    queries = np.asarray(EXPECTED["v1"]["queries"], np.float32)
     with Store.open(path, readonly=True) as r:  # no CRCs to check in schema 1
-        np.testing.assert_array_equal(r.search(queries, k=5).ids, EXPECTED["trained"]["ids"])
+        np.testing.assert_array_equal(r.search(queries, k=5).ids, EXPECTED["v1"]["trained"]["ids"])
         assert r.get([0]).shape == (1, 16)
     assert path.read_bytes() == before
