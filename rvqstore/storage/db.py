@@ -291,9 +291,38 @@ class Database:
     def count(self):
         return self.query("SELECT COUNT(*) FROM rvq_vectors").fetchone()[0]
 
-    def insert_vectors(self, ids, keys, blobs):
-        self.conn.executemany("INSERT INTO rvq_vectors (id, key, vector) VALUES (?, ?, ?)",
-                              zip(ids, keys, blobs))
+    def insert_vectors(self, ids, keys, blobs, metadata=None, documents=None):
+        """Rows of ``ids`` with their keys, original BLOBs and, optionally, metadata (JSON
+        text or None) and documents (text or None)."""
+        n = len(ids)
+        metadata = metadata if metadata is not None else [None] * n
+        documents = documents if documents is not None else [None] * n
+        self.conn.executemany(
+            "INSERT INTO rvq_vectors (id, key, vector, metadata, document) "
+            "VALUES (?, ?, ?, ?, ?)", zip(ids, keys, blobs, metadata, documents))
+
+    def metadata_for_ids(self, ids):
+        """{id: JSON text} of the ids present that have metadata."""
+        return dict(self._in_chunks(
+            "SELECT id, metadata FROM rvq_vectors WHERE id IN ({}) AND metadata IS NOT NULL", ids))
+
+    def documents_for_ids(self, ids):
+        """{id: text} of the ids present that have a document."""
+        return dict(self._in_chunks(
+            "SELECT id, document FROM rvq_vectors WHERE id IN ({}) AND document IS NOT NULL", ids))
+
+    def all_metadata(self):
+        """(id, JSON text) of every row with metadata."""
+        return self.query("SELECT id, metadata FROM rvq_vectors WHERE metadata IS NOT NULL"
+                          ).fetchall()
+
+    def set_metadata(self, ids, texts):
+        self.conn.executemany("UPDATE rvq_vectors SET metadata = ? WHERE id = ?",
+                              zip(texts, ids))
+
+    def set_documents(self, ids, texts):
+        self.conn.executemany("UPDATE rvq_vectors SET document = ? WHERE id = ?",
+                              zip(texts, ids))
 
     def _in_chunks(self, sql, values, chunk=900):
         values = list(values)
@@ -475,6 +504,8 @@ class Database:
         return {
             "originals": q("SELECT SUM(LENGTH(vector)) FROM rvq_vectors"),
             "keys": q("SELECT SUM(LENGTH(key)) FROM rvq_vectors"),
+            "metadata": q("SELECT SUM(LENGTH(metadata)) FROM rvq_vectors"),
+            "documents": q("SELECT SUM(LENGTH(document)) FROM rvq_vectors"),
             "codes": q("SELECT SUM(LENGTH(codes) + LENGTH(norms) + LENGTH(ids)) FROM rvq_blocks"),
             "codebooks": q("SELECT SUM(LENGTH(data)) FROM rvq_codebooks"),
             "file": size,
