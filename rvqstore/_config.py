@@ -8,6 +8,7 @@ does distance math.
 """
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, fields, replace
@@ -20,6 +21,7 @@ from .algo.validate import METRICS, as_matrix
 from .errors import (BadFileError, ConfigMismatchError, DuplicateError, InvalidInputError,
                      OriginalsMissingError,
                      RvqstoreError, UnknownIdError)
+from .filters import validate_metadata
 from .storage import ORIGINAL_FORMATS, Database, unpack_originals
 
 MAX_DIM = 65536
@@ -235,6 +237,45 @@ def key_list(keys, n, allow_none=False):
                 raise InvalidInputError(f"key {k!r} is not valid Unicode text ({exc.reason}): "
                                         "keys are stored as UTF-8") from None
     return keys
+
+
+def metadata_texts(metadata, n):
+    """``metadata`` (a sequence of n dict-or-None) as JSON texts (None kept), validated."""
+    items = list(metadata)
+    if len(items) != n:
+        raise InvalidInputError(f"got {len(items)} metadata items for {n} vectors")
+    return [None if m is None else json.dumps(validate_metadata(m), ensure_ascii=False,
+                                              separators=(",", ":"), allow_nan=False)
+            for m in items]
+
+
+def document_list(documents, n):
+    """``documents`` (a sequence of n str-or-None), checked."""
+    items = list(documents)
+    if len(items) != n:
+        raise InvalidInputError(f"got {len(items)} documents for {n} vectors")
+    for d in items:
+        if d is not None and not isinstance(d, str):
+            raise InvalidInputError(f"documents must be strings or None, got {type(d).__name__}")
+        if d is not None and not d.isascii():
+            try:
+                d.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidInputError(f"a document is not valid Unicode text ({exc.reason})") \
+                    from None
+    return items
+
+
+def parse_metadata(text, path, i):
+    """A stored metadata text as a dict; anything else is a ``BadFileError``."""
+    try:
+        meta = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise BadFileError(f"{path}: the metadata of id {i} is not a JSON object: "
+                           "the file is corrupted")
+    return meta
 
 
 def resolve(db, ids, keys):

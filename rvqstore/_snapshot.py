@@ -9,11 +9,12 @@ reads originals for rerank.
 """
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
-from ._config import Config, meta_int, naming, unpack
+from ._config import Config, meta_int, naming, parse_metadata, unpack
+from .filters import Columns
 from .algo import ResidualQuantizer
 from .algo.index import ExactIndex, FlatCodeIndex
 from .errors import BadFileError
@@ -31,6 +32,8 @@ class Snapshot:
     count : int, live vectors
     nblocks : int, code blocks read (0 when untrained)
     index : ExactIndex or FlatCodeIndex
+    columns : the metadata of the index's rows as typed columns, built by the first
+        filtered search (None until then)
     """
 
     version: int
@@ -38,6 +41,7 @@ class Snapshot:
     count: int
     nblocks: int
     index: Union[ExactIndex, FlatCodeIndex]
+    columns: Optional[Columns] = None
 
 
 def load(db, config: Config, old):
@@ -69,6 +73,16 @@ def load(db, config: Config, old):
         raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
                            f"store {count} and {len(dead)} deleted: the file is corrupted")
     return Snapshot(version, epoch, count, first + nread, kept)
+
+
+def columns(db, snap):
+    """The metadata columns of ``snap``'s index rows, read from the file once per snapshot
+    (deleted rows and rows without metadata have none)."""
+    if snap.columns is None:
+        with db.read():
+            stored = {i: parse_metadata(t, db.path, i) for i, t in db.all_metadata()}
+        snap.columns = Columns.from_dicts([stored.get(i) for i in snap.index.ids.tolist()])
+    return snap.columns
 
 
 def load_all_originals(db, config):
@@ -128,7 +142,7 @@ class Codecs:
 
 # -- our own writes -------------------------------------------------------------------------
 
-def after_add(snap, config, version, x, ids, appended):
+def after_add(snap, config, version, x, ids, appended, metas=None):
     """Extend the in-memory index with our own commit instead of reloading it all.
 
     ``snap`` is None unless it was current when the commit began. Returns False when it
@@ -139,6 +153,10 @@ def after_add(snap, config, version, x, ids, appended):
     if not version and snap.index.vectors.shape[1] != x.shape[1]:
         return False  # loaded before the store had a dimension
     snap.count += len(ids)
+    if snap.columns is not None:
+        texts = metas if metas is not None else [None] * len(ids)
+        snap.columns = snap.columns.extended(
+            [None if t is None else parse_metadata(t, "", int(i)) for t, i in zip(texts, ids)])
     if version:
         snap.index.append(ids, *appended)
         snap.nblocks = -(-len(snap.index.ids) // config.block_size)

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _snapshot
-from ._config import MAX_META_INT, Config, meta_int
+from ._config import MAX_META_INT, Config, meta_int, resolve
 from .errors import DimensionMismatchError, DuplicateError, InvalidInputError
 from .storage import pack_originals
 from .storage import codes as codeblocks
@@ -38,6 +38,7 @@ class Added(NamedTuple):
     version : int, the active codebook version (0 before training)
     appended : see :func:`insert`
     fresh : bool, the caller's in-memory state was current when the transaction began
+    metas : the metadata texts of the rows written, or None
     """
 
     ids: Optional[np.ndarray]
@@ -47,10 +48,13 @@ class Added(NamedTuple):
     version: Optional[int] = None
     appended: Optional[tuple] = None
     fresh: bool = False
+    metas: Optional[list] = None
 
 
-def add(db, config, x, ids, keys, *, skip_existing_keys, snap, codecs, seen_version, progress):
-    """The rows ``x`` (checked; ``ids`` and ``keys`` checked or None) in one transaction.
+def add(db, config, x, ids, keys, *, skip_existing_keys, snap, codecs, seen_version, progress,
+        metas=None, docs=None):
+    """The rows ``x`` (checked; ``ids``, ``keys``, ``metas`` (JSON texts) and ``docs``
+    checked or None) in one transaction.
 
     A store without a dimension yet takes that of ``x`` (``Added.config`` has it).
     """
@@ -73,15 +77,55 @@ def add(db, config, x, ids, keys, *, skip_existing_keys, snap, codecs, seen_vers
                 new = out < 0
                 x, keys = x[new], [k for k, f in zip(keys, new) if f]
                 ids = ids[new] if ids is not None else None
+                metas = [t for t, f in zip(metas, new) if f] if metas is not None else None
+                docs = [t for t, f in zip(docs, new) if f] if docs is not None else None
                 if not len(x):
                     return Added(None, out, x, config)
         ids, version, appended = insert(db, config, meta, x, ids, keys, snap=snap, codecs=codecs,
-                                        progress=progress)
+                                        progress=progress, metas=metas, docs=docs)
     report(progress, "add", len(x), len(x))
-    return Added(ids, out, x, config, version, appended, fresh)
+    return Added(ids, out, x, config, version, appended, fresh, metas)
 
 
-def insert(db, config, meta, x, ids, keys, *, snap, codecs, progress):
+def upsert(db, config, x, keys, *, metas, docs, snap, codecs, progress):
+    """Replace the rows whose key is stored (same id; vector, codes, metadata, document)
+    and add the others, in one transaction; returns the ids in the order of ``keys``."""
+    with db.write():
+        meta = db.meta()
+        found = db.ids_for_keys(keys)
+        old = [found[k] for k in keys if k in found]
+        if old:
+            db.delete_vectors(old)
+            if meta_int(meta, "active_version"):
+                db.add_tombstones(old)  # their codes go when the ids come back below
+        next_id = meta_int(meta, "next_id", db.path)
+        fresh = np.arange(next_id, next_id + len(keys) - len(old), dtype=np.int64)
+        if len(fresh) and next_id > MAX_META_INT - len(fresh):
+            raise InvalidInputError(f"{db.path} has no ids left to number new vectors")
+        it = iter(fresh.tolist())
+        ids = np.asarray([found[k] if k in found else next(it) for k in keys], np.int64)
+        insert(db, config, meta, x, ids, keys, snap=snap, codecs=codecs, progress=progress,
+               metas=metas, docs=docs)
+    return ids
+
+
+def update(db, ids, keys, *, metas, docs):
+    """New metadata texts and/or documents for the rows of ``ids`` or ``keys`` (each list
+    None: unchanged), in one transaction; returns the ids."""
+    with db.write():
+        ids = resolve(db, ids, keys)
+        n = len(ids)
+        if metas is not None and len(metas) != n or docs is not None and len(docs) != n:
+            raise InvalidInputError(f"got {len(metas if metas is not None else docs)} values "
+                                    f"for {n} items")
+        if metas is not None:
+            db.set_metadata(ids.tolist(), metas)
+        if docs is not None:
+            db.set_documents(ids.tolist(), docs)
+    return ids
+
+
+def insert(db, config, meta, x, ids, keys, *, snap, codecs, progress, metas=None, docs=None):
     """Store the rows ``x`` (inside ``db.write()``); returns ``(ids, version, appended)``.
 
     ``ids`` None numbers the rows from ``next_id``; ``keys`` may be None. ``appended`` is
@@ -107,7 +151,7 @@ def insert(db, config, meta, x, ids, keys, *, snap, codecs, progress):
     report(progress, "add", 0, m)
     keep = config.keep_originals or not version
     blobs = pack_originals(x, config.originals) if keep else [None] * m
-    db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs)
+    db.insert_vectors(ids.tolist(), keys if keys is not None else [None] * m, blobs, metas, docs)
     appended = _append_codes(db, config, codecs.get(db, config, snap, version), version, x,
                              ids, progress) if version else None
     db.set_meta(next_id=min(max(next_id, int(ids.max()) + 1), MAX_META_INT))

@@ -6,6 +6,7 @@ opening, input checks), ``_snapshot`` (the in-memory arrays searches scan), ``_w
 (adds and compaction) and ``_training`` (codebook versions and the consistency check).
 """
 
+import collections
 import dataclasses
 import functools
 import os
@@ -18,6 +19,7 @@ from . import algo
 from ._config import meta_int
 from .algo import SearchResult
 from .algo.validate import MAX_K, METRICS, check_k
+from .filters import Filter
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
                      StoreClosedError)
 from .storage import ORIGINAL_FORMATS, classify, translate_errors
@@ -26,6 +28,16 @@ __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
 """Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
+
+
+EXACT_PLAN_ROWS = 2
+"""A filtered search compares the passing items exactly when at most this many times
+``k * rerank`` pass: reading them costs no more than a scan's rerank reads."""
+
+
+def _rows_of(ids, found):
+    """``found[id]`` laid out like ``ids`` (nq, k): None for -1 and for ids not found."""
+    return [[found.get(i) for i in row] for row in ids.tolist()]
 
 
 def _padded(res, k):
@@ -65,6 +77,7 @@ class Store:
         self._seen_version = None
         self._snap = None  # the in-memory index, loaded lazily and refreshed on change
         self._codecs = _snapshot.Codecs()
+        self._plans = collections.Counter(scan=0, exact=0)  # searches by plan, for info()
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -220,7 +233,8 @@ class Store:
     # -- writing ----------------------------------------------------------------------------
 
     @_translated
-    def add(self, vectors, *, ids=None, keys=None, skip_existing_keys=False, progress=None):
+    def add(self, vectors, *, ids=None, keys=None, metadata=None, documents=None,
+            skip_existing_keys=False, progress=None):
         """Add vectors in one transaction; returns their ids.
 
         Parameters
@@ -228,6 +242,9 @@ class Store:
         vectors : array-like of shape (n, dim)
         ids : sequence of n distinct int64 not in the store, or None to number them
         keys : sequence of n distinct str not in the store, or None
+        metadata : sequence of n dict or None, JSON objects whose values are str, int,
+            float, bool, None or lists of those (what ``where`` filters select on)
+        documents : sequence of n str or None, the items' texts
         skip_existing_keys : bool
             With ``keys``: rows whose key is already stored are skipped instead of refused,
             and their stored ids are returned (what a cache shared by processes needs).
@@ -249,14 +266,17 @@ class Store:
                 raise DuplicateError("keys contain duplicates")
         if ids is not None:
             ids = _config.new_id_array(ids, n)
+        metas = None if metadata is None else _config.metadata_texts(metadata, n)
+        docs = None if documents is None else _config.document_list(documents, n)
         added = _writes.add(db, self.config, x, ids, keys, skip_existing_keys=skip_existing_keys,
                             snap=self._snap, codecs=self._codecs, seen_version=self._seen_version,
-                            progress=progress)
+                            progress=progress, metas=metas, docs=docs)
         self.config = added.config
         if added.ids is None:  # every key was stored already
             return added.out
         if not _snapshot.after_add(self._snap if added.fresh else None, self.config,
-                                   added.version, added.x, added.ids, added.appended):
+                                   added.version, added.x, added.ids, added.appended,
+                                   added.metas):
             self._invalidate()
         if added.out is not None:
             added.out[added.out < 0] = added.ids
@@ -264,18 +284,65 @@ class Store:
         return added.ids
 
     @_translated
-    def delete(self, ids=None, *, keys=None):
-        """Delete vectors by id or by key at once (one transaction); returns how many.
+    def upsert(self, vectors, *, keys, metadata=None, documents=None, progress=None):
+        """Replace the items whose key is stored (vector, codes, metadata, document; the id
+        stays) and add the rest, in one transaction; returns the ids in the order given."""
+        db = self._live()
+        x = self._vectors(vectors)
+        n = len(x)
+        keys = self._key_list(keys, n)
+        if len(set(keys)) != n:
+            raise DuplicateError("keys contain duplicates")
+        metas = None if metadata is None else _config.metadata_texts(metadata, n)
+        docs = None if documents is None else _config.document_list(documents, n)
+        if self.config.dim is None:  # a first write fixes the dimension, as add() does
+            return self.add(x, keys=keys, metadata=metadata, documents=documents,
+                            progress=progress)
+        ids = _writes.upsert(db, self.config, x, keys, metas=metas, docs=docs, snap=self._snap,
+                             codecs=self._codecs, progress=progress)
+        self._invalidate()
+        return ids
 
-        Unknown ids or keys are an error and nothing is deleted. Their code space is
-        reclaimed by :meth:`compact`.
-        """
+    @_translated
+    def update(self, ids=None, *, keys=None, metadata=None, documents=None):
+        """Change the metadata and/or documents of items (by id or key) without touching
+        their vectors, in one transaction. ``metadata``/``documents``: one value per item
+        (None clears it); leave the argument out to keep what is stored."""
         db = self._live()
         if (ids is None) == (keys is None):
-            raise InvalidInputError("give either ids or keys to delete")
+            raise InvalidInputError("give either ids or keys to update")
+        if keys is not None:
+            keys = self._key_list(keys, len(list(keys)))
+        n = len(keys) if keys is not None else len(self._id_array(ids))
+        metas = None if metadata is None else _config.metadata_texts(metadata, n)
+        docs = None if documents is None else _config.document_list(documents, n)
+        ids = _writes.update(db, None if ids is None else self._id_array(ids), keys,
+                             metas=metas, docs=docs)
+        if metas is not None and self._snap is not None:
+            self._snap.columns = None  # rebuilt from the file on the next filtered search
+        return ids
+
+    @_translated
+    def delete(self, ids=None, *, keys=None, where=None):
+        """Delete vectors by id, by key or by filter at once (one transaction); returns
+        how many.
+
+        Unknown ids or keys are an error and nothing is deleted. Their code space is
+        reclaimed by :meth:`compact`. ``where`` deletes every item that passes the filter.
+        """
+        db = self._live()
+        if sum(a is not None for a in (ids, keys, where)) != 1:
+            raise InvalidInputError("give one of ids, keys or where to delete")
+        if where is not None:
+            ids = self._matching_ids(where)
+            if not len(ids):
+                return 0
         with db.write():
             fresh = self._snap is not None and db.data_version() == self._seen_version
-            ids = _config.resolve(db, ids, keys)
+            if where is not None:  # those another connection deleted meanwhile are gone
+                ids = np.asarray(sorted(db.existing_ids(ids.tolist())), np.int64)
+            else:
+                ids = _config.resolve(db, ids, keys)
             n = db.delete_vectors(ids.tolist())
             version = meta_int(db.meta(), "active_version", db.path)
             if version:
@@ -386,8 +453,9 @@ class Store:
         return [found.get(i) for i in wanted]
 
     @_translated
-    def search(self, queries, *, k=10, rerank=None, with_keys=False, exclude=None):
-        """The k nearest stored vectors of each query.
+    def search(self, queries, *, k=10, rerank=None, where=None, exclude=None, with_keys=False,
+               with_metadata=False, with_documents=False):
+        """The k nearest stored vectors of each query (among those passing ``where``).
 
         Parameters
         ----------
@@ -396,14 +464,19 @@ class Store:
         rerank : int >= 1 or None. ADC picks ``k * rerank`` candidates, which are reranked
             exactly against the originals; 1 ranks by codes alone. Default 10 when the store
             keeps originals, else 1. Ignored before training (search is exact then).
-        with_keys : bool, also return the keys of the results
+        where : dict or None, a metadata filter (:mod:`rvqstore.filters`): the result is the
+            k nearest among the items that pass it, never fewer than min(k, matches). When
+            few items pass, their originals are compared exactly instead of scanning the
+            codes (``info()["search_plans"]`` counts which plan ran).
         exclude : sequence of ids or None, left out of every result (e.g. the item a query
             was taken from)
+        with_keys, with_metadata, with_documents : bool, also return those of the results
 
         Returns
         -------
-        SearchResult(ids int64 (nq, k), distances float32 (nq, k), keys): 1-D for a 1-D
-        query; padded with id -1 and distance +inf when fewer than k vectors exist.
+        SearchResult(ids int64 (nq, k), distances float32 (nq, k), keys, metadata,
+        documents): 1-D for a 1-D query; padded with id -1 and distance +inf when fewer than
+        k vectors pass.
         """
         db = self._live()
         self._learn_dim()
@@ -411,6 +484,7 @@ class Store:
         q = self._vectors(queries, name="queries", allow_1d=True)
         k = check_k(k)
         ex = None if exclude is None else self._id_array(exclude, "exclude")
+        flt = None if where is None else Filter.parse(where)
         if rerank is None:
             rerank = DEFAULT_RERANK if self.config.keep_originals else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
@@ -424,22 +498,95 @@ class Store:
             raise EmptyStoreError(f"{db.path} holds no vectors")
         index = snap.index
         allow = None if ex is None else ~np.isin(index.ids, ex)
-        if not snap.version:
+        if flt is not None:
+            passing = flt.mask(_snapshot.columns(db, snap))
+            allow = passing if allow is None else allow & passing
+        if snap.version and allow is not None and self.config.keep_originals and \
+                int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * k * rerank:
+            # few rows pass: their exact distances cost less than a scan, and are exact
+            self._plans["exact"] += 1
+            res = self._exact_among(q, index.ids[allow & index.live()], k)
+        elif not snap.version:
+            self._plans["exact"] += 1
             res = index.search(q, k=k, allow=allow)
         else:
+            self._plans["scan"] += 1
             # more candidates than rows would only allocate padding
             res = index.search(q, k=max(min(k * rerank, len(index.ids)), 1), allow=allow)
             if rerank > 1:
                 res = algo.rerank(q, res.ids, self._fetch, k=k, metric=self.metric)
             else:
                 res = _padded(res, k)
-        keys = None
+        found = np.unique(res.ids[res.ids >= 0]).tolist()
+        keys = metas = docs = None
         if with_keys:
-            found = db.keys_for_ids(np.unique(res.ids[res.ids >= 0]).tolist())
-            keys = [[found.get(i) for i in row] for row in res.ids.tolist()]
+            keys = _rows_of(res.ids, db.keys_for_ids(found))
+        if with_metadata:
+            stored = db.metadata_for_ids(found)
+            metas = _rows_of(res.ids, {i: _config.parse_metadata(t, db.path, i)
+                                       for i, t in stored.items()})
+        if with_documents:
+            docs = _rows_of(res.ids, db.documents_for_ids(found))
         if single:
-            return SearchResult(res.ids[0], res.distances[0], keys[0] if keys else None)
-        return SearchResult(res.ids, res.distances, keys)
+            first = lambda rows: None if rows is None else rows[0]  # noqa: E731
+            return SearchResult(res.ids[0], res.distances[0], first(keys), first(metas),
+                                first(docs))
+        return SearchResult(res.ids, res.distances, keys, metas, docs)
+
+    def _exact_among(self, q, ids, k):
+        """Exact top k of each query among the stored vectors ``ids`` (the filtered plan)."""
+        ids = np.unique(ids)
+        if not len(ids):
+            return _padded(SearchResult(np.empty((len(q), 0), np.int64),
+                                        np.empty((len(q), 0), np.float32)), k)
+        vectors = self._fetch(ids)
+        keep = ~np.isnan(vectors).any(axis=1)  # deleted by another connection meanwhile
+        ids, vectors = ids[keep], vectors[keep]
+        res = algo.exact_search(vectors, q, k=k, metric=self.metric)
+        return SearchResult(np.where(res.ids >= 0, ids[np.maximum(res.ids, 0)], -1),
+                            res.distances)
+
+    def _matching_ids(self, where):
+        """Ids of the live items that pass ``where``, ascending."""
+        flt = Filter.parse(where)
+        snap = self._current()
+        index = snap.index
+        passing = flt.mask(_snapshot.columns(self._db, snap)) & index.live()
+        return np.sort(index.ids[passing])
+
+    @_translated
+    def count(self, where=None):
+        """How many items the store holds, or how many pass ``where``."""
+        if where is None:
+            return len(self)
+        self._learn_dim()
+        if self.config.dim is None:
+            Filter.parse(where)  # still refuse a malformed filter
+            return 0
+        return int(len(self._matching_ids(where)))
+
+    @_translated
+    def metadata(self, ids=None, *, keys=None):
+        """The metadata of items, by id or key (a dict, or None where an item has none)."""
+        db = self._live()
+        if (ids is None) == (keys is None):
+            raise InvalidInputError("give either ids or keys")
+        with db.read():
+            ids = _config.resolve(db, ids, keys)
+            stored = db.metadata_for_ids(ids.tolist())
+        return [None if i not in stored else _config.parse_metadata(stored[i], db.path, i)
+                for i in ids.tolist()]
+
+    @_translated
+    def documents(self, ids=None, *, keys=None):
+        """The documents of items, by id or key (None where an item has none)."""
+        db = self._live()
+        if (ids is None) == (keys is None):
+            raise InvalidInputError("give either ids or keys")
+        with db.read():
+            ids = _config.resolve(db, ids, keys)
+            stored = db.documents_for_ids(ids.tolist())
+        return [stored.get(i) for i in ids.tolist()]
 
     def _fetch(self, ids):
         """Originals of the sorted unique ``ids`` a rerank asks for."""
@@ -463,6 +610,7 @@ class Store:
             out = {"path": db.path, "count": db.count(), **dataclasses.asdict(self.config),
                    "trained": bool(version), "codebook_version": version,
                    "deleted_pending_compact": len(db.tombstones()),
+                   "search_plans": dict(self._plans),
                    "bytes": db.bytes_by_part()}
             if version:
                 row = db.codebooks_row(version)

@@ -32,6 +32,9 @@ class CodeIndex(Protocol):
     def remove(self, ids: np.ndarray) -> None:
         """Stop returning ``ids`` (deleted)."""
 
+    def live(self) -> np.ndarray:
+        """bool (n,): rows not deleted."""
+
     def truncated(self, n: int) -> "CodeIndex":
         """The first ``n`` rows (a reader drops the tail it is about to re-read)."""
 
@@ -80,6 +83,9 @@ class ExactIndex:
         keep = ~np.isin(self.ids, ids)
         self.ids, self.vectors, self.norms = self.ids[keep], self.vectors[keep], self.norms[keep]
 
+    def live(self):
+        return np.ones(len(self.ids), bool)
+
     def truncated(self, n):
         return ExactIndex(self.metric, self.ids[:n], self.vectors[:n], self.norms[:n])
 
@@ -125,6 +131,9 @@ class FlatCodeIndex:
 
     def remove(self, ids):
         self.bias[np.isin(self.ids, ids)] = np.inf
+
+    def live(self):
+        return np.isfinite(self.bias)
 
     def truncated(self, n):
         return FlatCodeIndex(self.metric, self.rq, self.ids[:n], self.codes[:n], self.norms[:n],

@@ -21,11 +21,14 @@ SPLIT_ROWS = 1 << 18
 
 class SearchResult(NamedTuple):
     """ids : int64 (nq, k), -1 where fewer than k were found; distances : float32 (nq, k),
-    +inf there; keys : nested lists of str or None, when asked for."""
+    +inf there; keys, metadata, documents : nested lists (nq, k) of str / dict / str or
+    None, when asked for (1-D for a 1-D query)."""
 
     ids: np.ndarray
     distances: np.ndarray
     keys: Optional[list] = None
+    metadata: Optional[list] = None
+    documents: Optional[list] = None
 
 
 def normalize(x):
