@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import functools
 import os
+import re
 import sqlite3
 
 import numpy as np
@@ -33,6 +34,23 @@ DEFAULT_RERANK = 10
 EXACT_PLAN_ROWS = 2
 """A filtered search compares the passing items exactly when at most this many times
 ``k * rerank`` pass: reading them costs no more than a scan's rerank reads."""
+
+
+HYBRID_DEPTH = 50
+"""How deep each ranking of a hybrid search goes before fusion."""
+
+RRF_K = 60
+"""Reciprocal rank fusion's constant (Cormack et al.): score = sum of 1 / (RRF_K + rank)."""
+
+
+def _text_query(text):
+    """A user's text as an FTS5 query that any of its words may match (quoted: no syntax)."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"text must be a string, got {type(text).__name__}")
+    words = re.findall(r"\w+", text)
+    if not words:
+        raise InvalidInputError(f"text {text[:50]!r} has no words to search for")
+    return " OR ".join(f'"{w}"' for w in words[:64])
 
 
 def _rows_of(ids, found):
@@ -453,8 +471,8 @@ class Store:
         return [found.get(i) for i in wanted]
 
     @_translated
-    def search(self, queries, *, k=10, rerank=None, where=None, exclude=None, with_keys=False,
-               with_metadata=False, with_documents=False):
+    def search(self, queries, *, k=10, rerank=None, where=None, text=None, exclude=None,
+               with_keys=False, with_metadata=False, with_documents=False):
         """The k nearest stored vectors of each query (among those passing ``where``).
 
         Parameters
@@ -468,6 +486,10 @@ class Store:
             k nearest among the items that pass it, never fewer than min(k, matches). When
             few items pass, their originals are compared exactly instead of scanning the
             codes (``info()["search_plans"]`` counts which plan ran).
+        text : str or None, with a single query vector: hybrid search. The vector ranking and
+            the keyword ranking of the documents (:meth:`text_search`) are fused by
+            reciprocal rank fusion (score = sum of 1 / (60 + rank)); results come in fused
+            order with their exact vector distances.
         exclude : sequence of ids or None, left out of every result (e.g. the item a query
             was taken from)
         with_keys, with_metadata, with_documents : bool, also return those of the results
@@ -493,6 +515,9 @@ class Store:
             raise InvalidInputError(f"rerank must be at most {MAX_K:,}, got {rerank}")
         if rerank > 1 and not self.config.keep_originals:
             raise OriginalsMissingError("rerank needs the originals; this store does not keep them")
+        fts = None if text is None else _text_query(text)
+        if fts is not None and len(q) != 1:
+            raise InvalidInputError(f"text= (hybrid search) takes one query vector, got {len(q)}")
         snap = self._current()
         if snap.count == 0:
             raise EmptyStoreError(f"{db.path} holds no vectors")
@@ -501,22 +526,25 @@ class Store:
         if flt is not None:
             passing = flt.mask(_snapshot.columns(db, snap))
             allow = passing if allow is None else allow & passing
+        kq = k if fts is None else max(k, HYBRID_DEPTH)  # hybrid: rank deeper, then fuse
         if snap.version and allow is not None and self.config.keep_originals and \
-                int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * k * rerank:
+                int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * kq * rerank:
             # few rows pass: their exact distances cost less than a scan, and are exact
             self._plans["exact"] += 1
-            res = self._exact_among(q, index.ids[allow & index.live()], k)
+            res = self._exact_among(q, index.ids[allow & index.live()], kq)
         elif not snap.version:
             self._plans["exact"] += 1
-            res = index.search(q, k=k, allow=allow)
+            res = index.search(q, k=kq, allow=allow)
         else:
             self._plans["scan"] += 1
             # more candidates than rows would only allocate padding
-            res = index.search(q, k=max(min(k * rerank, len(index.ids)), 1), allow=allow)
+            res = index.search(q, k=max(min(kq * rerank, len(index.ids)), 1), allow=allow)
             if rerank > 1:
-                res = algo.rerank(q, res.ids, self._fetch, k=k, metric=self.metric)
+                res = algo.rerank(q, res.ids, self._fetch, k=kq, metric=self.metric)
             else:
-                res = _padded(res, k)
+                res = _padded(res, kq)
+        if fts is not None:
+            res = self._fused(q, res, fts, k, allow)
         found = np.unique(res.ids[res.ids >= 0]).tolist()
         keys = metas = docs = None
         if with_keys:
@@ -532,6 +560,70 @@ class Store:
             return SearchResult(res.ids[0], res.distances[0], first(keys), first(metas),
                                 first(docs))
         return SearchResult(res.ids, res.distances, keys, metas, docs)
+
+    def _fused(self, q, res, fts, k, allow):
+        """Reciprocal rank fusion of the vector ranking ``res`` (one query) and the keyword
+        ranking of ``fts``, both limited to ``allow``; top k with exact vector distances."""
+        vec_ids = [i for i in res.ids[0].tolist() if i >= 0]
+        text_ids = self._text_ranking(fts, HYBRID_DEPTH, allow)
+        score = collections.defaultdict(float)
+        for ranking in (vec_ids, text_ids):
+            for rank, i in enumerate(ranking):
+                score[i] += 1.0 / (RRF_K + rank + 1)
+        top = sorted(score, key=lambda i: (-score[i], i))[:k]
+        known = dict(zip(res.ids[0].tolist(), res.distances[0].tolist()))
+        dist = np.asarray([known.get(i, np.nan) for i in top], np.float32)
+        missing = np.flatnonzero(np.isnan(dist))
+        if len(missing) and self.config.keep_originals:
+            ids = np.asarray([top[j] for j in missing], np.int64)
+            order = np.argsort(ids)
+            vecs = self._fetch(ids[order])
+            exact = algo.search.exact_distances(q, vecs, self.metric)[0]
+            dist[missing[order]] = exact
+        dist[np.isnan(dist)] = np.inf
+        return _padded(SearchResult(np.asarray([top], np.int64), dist[None]), k)
+
+    def _text_ranking(self, fts, depth, allow=None):
+        """Ids of the best ``depth`` documents for the FTS5 query ``fts`` (among the index
+        rows ``allow`` when given), best first."""
+        db = self._db
+        if allow is None:
+            return [i for i, _ in db.text_matches(fts, depth)]
+        ok = set(self._current().index.ids[allow].tolist())
+        return [i for i, _ in db.text_matches(fts) if i in ok][:depth]
+
+    @_translated
+    def text_search(self, text, *, k=10, where=None, with_keys=False, with_metadata=False,
+                    with_documents=False):
+        """Keyword search over the documents alone (SQLite FTS5, BM25 order).
+
+        ``text`` is split into words, any of which may match. Returns a 1-D SearchResult:
+        ids best first, and as distances the BM25 scores (smaller is better, as for every
+        distance here); padded with -1 / +inf.
+        """
+        db = self._live()
+        fts = _text_query(text)
+        k = check_k(k)
+        if where is not None:
+            passing = set(self._matching_ids(where).tolist())
+            rows = [(i, sc) for i, sc in db.text_matches(fts) if i in passing][:k]
+        else:
+            rows = db.text_matches(fts, k)
+        ids = np.full(k, -1, np.int64)
+        dist = np.full(k, np.inf, np.float32)
+        if rows:
+            ids[:len(rows)], dist[:len(rows)] = zip(*rows)
+        found = [i for i in ids.tolist() if i >= 0]
+        keys = [db.keys_for_ids(found).get(i) for i in ids.tolist()] if with_keys else None
+        metas = docs = None
+        if with_metadata:
+            stored = db.metadata_for_ids(found)
+            metas = [None if i not in stored else _config.parse_metadata(stored[i], db.path, i)
+                     for i in ids.tolist()]
+        if with_documents:
+            stored = db.documents_for_ids(found)
+            docs = [stored.get(i) for i in ids.tolist()]
+        return SearchResult(ids, dist, keys, metas, docs)
 
     def _exact_among(self, q, ids, k):
         """Exact top k of each query among the stored vectors ``ids`` (the filtered plan)."""

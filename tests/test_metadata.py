@@ -191,3 +191,74 @@ def test_bad_metadata_is_refused_and_nothing_is_added(items):
     with pytest.raises(InvalidInputError, match="2 metadata items for 1"):
         s.add(x[:1], metadata=[{}, {}])
     assert len(s) == n
+
+
+@pytest.fixture
+def docs_store(tmp_path):
+    x = clustered(400, DIM, seed=31)
+    texts = [f"item {i} about {'cats' if i % 4 == 0 else 'dogs'} and {'rain' if i % 5 == 0 else 'sun'}"
+             for i in range(400)]
+    texts[17] = "the unique zebra story"
+    s = Store.open(tmp_path / "t.db", dim=DIM, stages=4, codebook_size=16)
+    s.add(x, keys=[f"k{i}" for i in range(400)], documents=texts,
+          metadata=[{"i": i} for i in range(400)])
+    s.train()
+    yield s, x, texts
+    s.close()
+
+
+def test_text_search_finds_the_words_in_bm25_order(docs_store):
+    s, x, texts = docs_store
+    res = s.text_search("zebra", k=5, with_documents=True)
+    assert res.ids[0] == 17 and (res.ids[1:] == -1).all() and res.documents[0] == texts[17]
+    res = s.text_search("cats rain", k=400)
+    hits = res.ids[res.ids >= 0]
+    assert set(hits) == {i for i in range(400) if i % 4 == 0 or i % 5 == 0}
+    both = {i for i in range(400) if i % 4 == 0 and i % 5 == 0}
+    assert set(hits[:len(both)]) == both  # matching both words ranks first
+    assert (np.diff(res.distances[:len(hits)]) >= 0).all()
+    sub = s.text_search("cats", k=10, where={"i": {"$lt": 40}})
+    assert set(sub.ids[sub.ids >= 0]) == {0, 4, 8, 12, 16, 20, 24, 28, 32, 36}
+
+
+def test_text_index_follows_updates_deletes_and_upserts(docs_store):
+    s, x, _ = docs_store
+    s.update([3], documents=["now about a zebra"])
+    assert set(s.text_search("zebra", k=5).ids[:2]) == {3, 17}
+    s.delete([17])
+    assert s.text_search("zebra", k=5).ids[:2].tolist() == [3, -1]
+    s.upsert(x[:1], keys=["k3"], documents=["no stripes here"])
+    assert s.text_search("zebra", k=5).ids[0] == -1
+    s.update([3], documents=[None])
+    assert s.text_search("stripes", k=5).ids[0] == -1
+    with Store.open(s.path, readonly=True) as r:
+        assert r.text_search("cats", k=1).ids[0] >= 0
+    assert s.check() == []
+
+
+@pytest.mark.parametrize("text", ['zebra" OR 1=1 --', "NOT zebra (", "col:zebra", "zebra'",
+                                  "zebra*", "NEAR(zebra)"])
+def test_text_is_words_not_query_syntax(docs_store, text):
+    s, _, _ = docs_store
+    res = s.text_search(text, k=400)  # FTS5 syntax in the text is taken as plain words
+    assert 17 in res.ids
+    assert s.text_search("NOT AND OR", k=400).ids[0] >= 0  # "and" is a word of the texts
+    with pytest.raises(InvalidInputError, match="no words"):
+        s.text_search('* " ( :', k=3)
+
+
+def test_hybrid_search_fuses_the_vector_and_keyword_rankings(docs_store):
+    s, x, _ = docs_store
+    q = x[200] + 0.01
+    plain = s.search(q, k=10)
+    fused = s.search(q, k=10, text="zebra")
+    assert 17 in fused.ids and 200 in fused.ids[:2]   # the keyword hit and the vector hit
+    assert len(set(fused.ids) & set(plain.ids)) >= 8
+    d17 = ((s.get([17])[0] - q) ** 2).sum()
+    np.testing.assert_allclose(fused.distances[list(fused.ids).index(17)], d17, rtol=1e-4)
+    filtered = s.search(q, k=5, text="zebra", where={"i": {"$ne": 17}})
+    assert 17 not in filtered.ids
+    with pytest.raises(InvalidInputError, match="one query vector"):
+        s.search(x[:2], k=3, text="zebra")
+    with pytest.raises(InvalidInputError, match="no words"):
+        s.text_search("  !! ", k=3)

@@ -300,6 +300,33 @@ class Database:
         self.conn.executemany(
             "INSERT INTO rvq_vectors (id, key, vector, metadata, document) "
             "VALUES (?, ?, ?, ?, ?)", zip(ids, keys, blobs, metadata, documents))
+        self._index_documents([(i, d) for i, d in zip(ids, documents) if d is not None])
+
+    def _index_documents(self, rows):
+        """Add (id, text) rows to the keyword index (inside the caller's transaction)."""
+        if rows:
+            self.conn.executemany("INSERT INTO rvq_documents_fts (rowid, document) "
+                                  "VALUES (?, ?)", rows)
+
+    def _unindex_documents(self, ids):
+        """Take the documents of ``ids`` out of the keyword index (before they change)."""
+        old = self._in_chunks("SELECT id, document FROM rvq_vectors WHERE id IN ({}) "
+                              "AND document IS NOT NULL", ids)
+        if old:
+            self.conn.executemany(
+                "INSERT INTO rvq_documents_fts (rvq_documents_fts, rowid, document) "
+                "VALUES ('delete', ?, ?)", old)
+
+    def text_matches(self, query, limit=None):
+        """(id, bm25 score) of the documents matching the FTS5 ``query``, best first (a
+        lower score is a better match)."""
+        sql = ("SELECT rowid, bm25(rvq_documents_fts) AS score FROM rvq_documents_fts "
+               "WHERE rvq_documents_fts MATCH ? ORDER BY score")
+        params = (query,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (query, int(limit))
+        return self.query(sql, params).fetchall()
 
     def metadata_for_ids(self, ids):
         """{id: JSON text} of the ids present that have metadata."""
@@ -321,8 +348,10 @@ class Database:
                               zip(texts, ids))
 
     def set_documents(self, ids, texts):
+        self._unindex_documents(ids)
         self.conn.executemany("UPDATE rvq_vectors SET document = ? WHERE id = ?",
                               zip(texts, ids))
+        self._index_documents([(i, d) for i, d in zip(ids, texts) if d is not None])
 
     def _in_chunks(self, sql, values, chunk=900):
         values = list(values)
@@ -379,6 +408,7 @@ class Database:
         return blob if n == len(ids) else None
 
     def delete_vectors(self, ids):
+        self._unindex_documents(ids)
         n = 0
         for i in range(0, len(ids), 900):
             part = list(ids[i:i + 900])
