@@ -6,7 +6,8 @@ become one line, ``Error: ...``, with exit code 1, in :meth:`_Group.invoke` and 
 else; click's usage errors exit with 2. Programming errors keep their traceback.
 
 Tables escape control characters (``\\x1b``) in what they show, so that a stored key cannot
-drive the terminal; ``--json`` and ``--csv`` print every string as stored.
+drive the terminal, and shorten metadata and documents; ``--json`` and ``--csv`` print
+every string as stored (metadata as JSON objects, in CSV as a cell of JSON text).
 """
 
 import contextlib
@@ -23,7 +24,7 @@ import numpy as np
 
 from . import __version__, benchmark
 from .errors import BadFileError, InvalidInputError, RvqstoreError
-from .inputs import FORMATS, MAX_ID, parse_vector, read_vectors
+from .inputs import FORMATS, MAX_ID, parse_object, parse_vector, read_vectors
 from .store import METRICS, ORIGINAL_FORMATS, Store
 
 
@@ -82,6 +83,20 @@ class _VectorType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _WhereType(click.ParamType):
+    """A metadata filter given as a JSON object; the library checks its operators."""
+
+    name = "JSON"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, dict):
+            return value
+        try:
+            return parse_object(value, name="the filter")
+        except InvalidInputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 80})
 @click.version_option(__version__, "--version", prog_name="rvqstore")
@@ -113,6 +128,10 @@ def _remember_db(ctx, param, value):
 
 
 _ID = click.IntRange(0, MAX_ID)
+
+
+def _where(help):
+    return click.option("--where", type=_WhereType(), metavar="JSON", help=help)
 
 
 def _output(f):
@@ -216,9 +235,19 @@ def _vector(vec):
     return [float(s) for s in vec.astype(str)]
 
 
+_LONG = ("metadata", "document")  # columns whose text a table cuts to _WIDTH characters
+_WIDTH = 40
+
+
+def _cut(text, width=_WIDTH):
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _cell(value, thousands=False):
     if value is None:
         return ""
+    if isinstance(value, dict):  # metadata
+        return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -252,12 +281,15 @@ def _emit(rows, columns, fmt, *, thousands=False, formats=None):
             cells = []
             for c in columns:
                 v = r.get(c)
+                if isinstance(v, dict):
+                    v = json.dumps(v, ensure_ascii=False)
                 cells += v if isinstance(v, list) else ["" if v is None else v]
             writer.writerow(cells)
-        click.echo(buf.getvalue(), nl=False)
+        click.echo(buf.getvalue(), nl=False, color=True)  # as stored: no ANSI stripping
     else:
         formats = formats or {}
         cells = [[_printable(formats[c].format(r[c]) if c in formats and r.get(c) is not None
+                             else _cut(_cell(r.get(c), thousands)) if c in _LONG
                              else _cell(r.get(c), thousands)) for c in columns] for r in rows]
         widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
         right = [all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -282,8 +314,24 @@ def _emit_mapping(mapping, fmt):
 
 
 def _rows_for(store, ids, vectors):
-    keys = store.keys(ids)
-    return [{"id": int(i), "key": k, "vector": _vector(v)} for i, k, v in zip(ids, keys, vectors)]
+    """Rows of id, key and vector, with metadata and document where an item has them."""
+    keys, metas, docs = store.keys(ids), store.metadata(ids), store.documents(ids)
+    rows = []
+    for i, k, v, m, d in zip(ids, keys, vectors, metas, docs):
+        row = {"id": int(i), "key": k, "vector": _vector(v)}
+        row.update(_present(metadata=m, document=d))
+        rows.append(row)
+    return rows
+
+
+def _present(**fields):
+    """The fields that are not None: an item without metadata shows no metadata field."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _with_long(rows):
+    """The metadata and document columns that some row has."""
+    return [c for c in _LONG if any(c in r for r in rows)]
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -326,24 +374,41 @@ def create(db, dim, metric, stages, codebook_size, originals, no_originals):
               help="Train after adding (on a trained store: retrain).")
 @click.option("--skip-existing-keys", is_flag=True,
               help="Skip rows whose key is already stored instead of refusing them.")
+@click.option("--upsert", is_flag=True,
+              help="Replace the items whose key is stored (vector, metadata, document; "
+                   "the id stays) and add the rest. Needs keys, takes no ids.")
 @_quiet
-def add(db, file, fmt, train, skip_existing_keys, quiet):
+def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
     """Add the vectors of FILE (npy, fvecs, jsonl, csv; - for stdin).
 
-    JSON lines: {"id": 7, "key": "doc-7", "vector": [...]} per line, id and key
-    optional. CSV: numbers only, or a header whose id and key columns are taken as
-    such and whose other columns are the vector. The store is created if missing.
-    All rows go in one transaction.
+    JSON lines: {"id": 7, "key": "doc-7", "vector": [...], "metadata": {...},
+    "document": "..."} per line, all but vector optional. CSV: numbers only, or a
+    header whose id, key, metadata (a JSON object per cell) and document columns are
+    taken as such and whose other columns are the vector. The store is created if
+    missing. All rows go in one transaction.
     """
+    if upsert and skip_existing_keys:
+        raise click.UsageError("give --upsert or --skip-existing-keys, not both")
     loaded = read_vectors(file, format=fmt)
+    name = "<stdin>" if file == "-" else file
+    if upsert and loaded.keys is None:
+        raise InvalidInputError(f"{name}: --upsert replaces by key and the rows have no keys")
+    if upsert and loaded.ids is not None:
+        raise InvalidInputError(f"{name}: --upsert keeps the stored ids and numbers new "
+                                "items itself; the rows give ids")
     progress = _Progress.for_terminal(quiet)
     with _removed_on_error(db):
         store = _open(db, create=True)
         try:
             before = len(store)
             t = time.perf_counter()
-            store.add(loaded.vectors, ids=loaded.ids, keys=loaded.keys,
-                      skip_existing_keys=skip_existing_keys, progress=progress)
+            if upsert:
+                store.upsert(loaded.vectors, keys=loaded.keys, metadata=loaded.metadata,
+                             documents=loaded.documents, progress=progress)
+            else:
+                store.add(loaded.vectors, ids=loaded.ids, keys=loaded.keys,
+                          metadata=loaded.metadata, documents=loaded.documents,
+                          skip_existing_keys=skip_existing_keys, progress=progress)
         except BaseException:
             store.close()
             raise
@@ -351,7 +416,8 @@ def add(db, file, fmt, train, skip_existing_keys, quiet):
         progress.close()
         after = len(store)
         skipped = len(loaded.vectors) - (after - before)
-        note = f", skipped {skipped:,} already stored" if skipped else ""
+        note = (f", replaced {skipped:,} already stored" if upsert and skipped
+                else f", skipped {skipped:,} already stored" if skipped else "")
         click.echo(f"Added {_count(after - before)} to {db}{note} in "
                    f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
         if train:
@@ -404,15 +470,22 @@ def retrain(db, quiet):
               help="Rerank k x N candidates exactly; 1: codes alone [default: 10].")
 @click.option("--exclude-self", is_flag=True,
               help="With --key or --id: leave the item itself out of its results.")
+@_where("Only items whose metadata passes this filter, a JSON object such as "
+        '\'{"year": {"$gte": 2024}}\'.')
+@click.option("--with-metadata", is_flag=True, help="Show the results' metadata.")
+@click.option("--with-documents", is_flag=True, help="Show the results' documents.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Format of QUERYFILE [default: as for add].")
 @_output
-def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_json, as_csv):
+def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, with_metadata,
+           with_documents, fmt, as_json, as_csv):
     """The k nearest stored vectors of each query.
 
     Give the queries as QUERYFILE (any format add reads; - for stdin), or one query
     with --vector, or --key / --id to find what is like a stored item (the item
-    itself is in its results unless --exclude-self).
+    itself is in its results unless --exclude-self). With --where, the k nearest
+    among the items that pass the filter (MongoDB style: $eq $ne $gt $gte $lt $lte
+    $in $nin $exists $contains $and $or $not).
     """
     out = _format(as_json, as_csv)
     given = [n for n, v in (("QUERYFILE", queryfile), ("--vector", vector), ("--key", key),
@@ -431,15 +504,21 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_jso
         else:
             self_id = int(store.ids_for_keys([key])[0]) if key is not None else id_
             queries = store.get([self_id])
-        res = store.search(queries, k=k, rerank=rerank, with_keys=True,
+        res = store.search(queries, k=k, rerank=rerank, with_keys=True, where=where,
+                           with_metadata=with_metadata, with_documents=with_documents,
                            exclude=[self_id] if exclude_self else None)
     rows = []
     for q in range(len(queries)):
-        hits = [(int(i), kk, d) for i, kk, d in zip(res.ids[q], res.keys[q], res.distances[q])
-                if i >= 0]
-        rows += [{"query": q, "rank": r, "id": i, "key": kk, "distance": _f32(d)}
-                 for r, (i, kk, d) in enumerate(hits, 1)]
+        for r, j in enumerate(np.flatnonzero(res.ids[q] >= 0), 1):
+            row = {"query": q, "rank": r, "id": int(res.ids[q][j]), "key": res.keys[q][j],
+                   "distance": _f32(res.distances[q][j])}
+            if with_metadata:
+                row["metadata"] = res.metadata[q][j]
+            if with_documents:
+                row["document"] = res.documents[q][j]
+            rows.append(row)
     columns = ["query", "rank", "id", "key", "distance"]
+    columns += ["metadata"] * with_metadata + ["document"] * with_documents
     if out == "table":
         if len(queries) == 1:
             columns.remove("query")
@@ -454,9 +533,11 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, fmt, as_jso
 @click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
 @_output
 def get(db, ids, keys, as_json, as_csv):
-    """Print stored vectors by id or key.
+    """Print stored vectors by id or key, with their metadata and documents.
 
-    The table shows the ends of each vector; --json and --csv print all of it.
+    The table shows the ends of each vector and the start of each metadata and
+    document; --json and --csv print all of them (--json: the metadata and document
+    fields only for items that have them).
     """
     out = _format(as_json, as_csv)
     if bool(ids) == bool(keys):
@@ -464,23 +545,38 @@ def get(db, ids, keys, as_json, as_csv):
     with _open(db, readonly=True) as store:
         found = np.asarray(ids, np.int64) if ids else store.ids_for_keys(list(keys))
         rows = _rows_for(store, found, store.get(found))
-    _emit(rows, ["id", "key", "vector"], out)
+    long = _with_long(rows)
+    # CSV as export writes it (the vector last, so add reads it back); tables end in text
+    columns = ["id", "key", *long, "vector"] if out == "csv" else ["id", "key", "vector", *long]
+    _emit(rows, columns, out)
 
 
 @main.command()
 @_db
 @click.option("--id", "ids", type=_ID, multiple=True, metavar="ID", help="An id (repeatable).")
 @click.option("--key", "keys", multiple=True, metavar="KEY", help="A key (repeatable).")
-def delete(db, ids, keys):
-    """Delete vectors by id or key, all or none.
+@_where("Delete every item whose metadata passes this filter (a JSON object; '{}' "
+        "deletes all).")
+def delete(db, ids, keys, where):
+    """Delete vectors by id, key or metadata filter, all or none.
 
     The space is freed by compact.
     """
-    if bool(ids) == bool(keys):
-        raise click.UsageError("give --id or --key (one or more), not both")
+    if sum(map(bool, (ids, keys, where is not None))) != 1:
+        raise click.UsageError("give one of --id, --key (one or more) or --where")
     with _open(db) as store:
-        n = store.delete(list(ids)) if ids else store.delete(keys=list(keys))
+        n = (store.delete(list(ids)) if ids else store.delete(keys=list(keys)) if keys
+             else store.delete(where=where))
         click.echo(f"Deleted {_count(n)} from {db} ({len(store):,} left)")
+
+
+@main.command()
+@_db
+@_where("Count only the items whose metadata passes this filter (a JSON object).")
+def count(db, where):
+    """Print how many items the store holds (or pass --where)."""
+    with _open(db, readonly=True) as store:
+        click.echo(store.count(where))
 
 
 @main.command()
@@ -515,7 +611,11 @@ def info(db, as_json, as_csv):
                    "the vectors only, in id order [default: from -o's extension, else jsonl].")
 @click.option("--batch-size", type=int, default=8192, show_default=True, hidden=True)
 def export(db, output, fmt, batch_size):
-    """Write every stored vector with its id and key."""
+    """Write every stored vector with its id, key, metadata and document.
+
+    JSON lines carry "metadata" and "document" fields on the items that have them;
+    CSV has metadata (JSON text) and document columns when the store holds any.
+    """
     fmt = fmt or {".npy": "npy", ".csv": "csv"}.get(os.path.splitext(output)[1].lower(), "jsonl")
     if fmt == "npy" and output == "-":
         raise click.UsageError("--format npy needs -o FILE")
@@ -526,18 +626,29 @@ def export(db, output, fmt, batch_size):
             with _output_file(output, "wb") as f:
                 np.save(f, np.concatenate(parts))
             return
+        stored = store.info()["bytes"]
+        long = [c for c, part in zip(_LONG, ("metadata", "documents")) if stored[part]]
         with _output_file(output, "w") as f:
             writer = csv.writer(f, lineterminator="\n") if fmt == "csv" else None
             if writer:
-                writer.writerow(["id", "key"] + [f"v{i}" for i in range(store.dim or 0)])
+                writer.writerow(["id", "key", *long]
+                                + [f"v{i}" for i in range(store.dim or 0)])
             for ids, keys, vecs in batches:
                 text = vecs.astype(str)
-                for i, key, vec in zip(ids.tolist(), keys, text):
+                metas = store.metadata(ids) if long else [None] * len(ids)
+                docs = store.documents(ids) if long else [None] * len(ids)
+                for i, key, vec, meta, doc in zip(ids.tolist(), keys, text, metas, docs):
                     if writer:
-                        writer.writerow([i, "" if key is None else key, *vec])
+                        extra = {"metadata": "" if meta is None else
+                                 json.dumps(meta, ensure_ascii=False),
+                                 "document": "" if doc is None else doc}
+                        writer.writerow([i, "" if key is None else key,
+                                         *(extra[c] for c in long), *vec])
                     else:
                         named = "" if key is None else f'"key": {json.dumps(key)}, '
-                        f.write(f'{{"id": {i}, {named}"vector": [{", ".join(vec)}]}}\n')
+                        more = "".join(f', "{c}": {json.dumps(v)}' for c, v in
+                                       (("metadata", meta), ("document", doc)) if v is not None)
+                        f.write(f'{{"id": {i}, {named}"vector": [{", ".join(vec)}]{more}}}\n')
 
 
 def _output_file(path, mode):

@@ -1,15 +1,20 @@
 """Vectors from files: ``.npy``, ``.fvecs``, JSON lines, CSV, or standard input.
 
-Every reader returns ``Loaded(vectors, ids, keys)``: float32 (n, dim), int64 (n,) or None,
-list of n str or None. A file that cannot be read or is malformed raises
+Every reader returns ``Loaded(vectors, ids, keys, metadata, documents)``: float32 (n, dim),
+int64 (n,) or None, list of n str or None, list of n dict-or-None or None, list of n
+str-or-None or None. A file that cannot be read or is malformed raises
 :class:`InputFileError` (an :class:`~rvqstore.errors.InvalidInputError`) whose message
 names the file and the line (or row, for binary files).
 
-JSON lines hold one object per line, ``{"id": 7, "key": "doc-7", "vector": [0.1, ...]}``
-with ``id`` and ``key`` optional, or a bare array ``[0.1, ...]``. CSV holds numbers only,
-or a header whose ``id`` and ``key`` columns are taken as such and whose other columns are
-the vector's components. Ids and keys are given on every row or on none: ``Store.add``
-takes them for the whole batch. Ids are integers in ``[0, MAX_ID]`` (-1 pads search
+JSON lines hold one object per line, ``{"id": 7, "key": "doc-7", "vector": [0.1, ...],
+"metadata": {"year": 2024}, "document": "text"}`` with all but ``vector`` optional, or a
+bare array ``[0.1, ...]``. CSV holds numbers only, or a header whose ``id``, ``key``,
+``metadata`` and ``document`` columns are taken as such and whose other columns are the
+vector's components; a ``metadata`` cell holds a JSON object, and an empty ``metadata`` or
+``document`` cell means none. Ids and keys are given on every row or on none:
+``Store.add`` takes them for the whole batch; metadata and documents may be on some rows
+only. Metadata follows :func:`rvqstore.filters.validate_metadata`'s rules, checked here so
+that a refusal names the line. Ids are integers in ``[0, MAX_ID]`` (-1 pads search
 results); keys are strings that UTF-8 can encode. A CSV key is taken exactly as written,
 spaces included, so that what ``rvqstore export --format csv`` writes reads back the same.
 """
@@ -27,6 +32,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .errors import InvalidInputError
+from .filters import validate_metadata
 
 FORMATS = ("npy", "fvecs", "jsonl", "csv")
 MAX_ID = 2**63 - 2
@@ -44,11 +50,15 @@ class InputFileError(InvalidInputError):
 
 
 class Loaded(NamedTuple):
-    """vectors : float32 (n, dim); ids : int64 (n,) or None; keys : list of n str or None."""
+    """vectors : float32 (n, dim); ids : int64 (n,) or None; keys : list of n str or None;
+    metadata : list of n dict-or-None, or None when no row has any; documents : list of n
+    str-or-None, or None when no row has any."""
 
     vectors: np.ndarray
     ids: Optional[np.ndarray] = None
     keys: Optional[list] = None
+    metadata: Optional[list] = None
+    documents: Optional[list] = None
 
 
 def format_for(path):
@@ -67,7 +77,8 @@ def read_vectors(path, *, format=None):
 
     Returns
     -------
-    Loaded(vectors float32 (n, dim), ids int64 (n,) or None, keys list or None)
+    Loaded(vectors float32 (n, dim), ids int64 (n,) or None, keys list or None,
+    metadata list or None, documents list or None)
     """
     path = os.fspath(path)
     name = "<stdin>" if path == "-" else path
@@ -129,6 +140,17 @@ def parse_vector(text, *, name="vector"):
     if not np.isfinite(vec).all():
         raise InvalidInputError(f"{name} holds NaN or infinity")
     return vec
+
+
+def parse_object(text, *, name="the value"):
+    """A JSON object given as text, ``'{"year": {"$gte": 2024}}'``, as a dict."""
+    try:
+        value = _json(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{name} must be a JSON object, got {_cut(json.dumps(value))}")
+    return value
 
 
 def _json(text):
@@ -205,17 +227,25 @@ class _Rows:
     def __init__(self, name):
         self.name = name
         self.vectors, self.ids, self.keys, self.lines = [], [], [], []
+        self.metadata, self.documents = [], []
 
     def fail(self, line, message):
         raise InputFileError(f"{self.name} line {line}: {message}")
 
-    def add(self, line, vec, id_, key):
-        if key is not None:
+    def add(self, line, vec, id_, key, meta=None, doc=None):
+        for what, text in (("key", key), ("document", doc)):
+            if text is not None:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    self.fail(line, f"{what} {_cut(repr(text))} holds {text[exc.start]!r} at "
+                                    f"character {exc.start}, a lone surrogate that UTF-8 "
+                                    "cannot encode")
+        if meta is not None:
             try:
-                key.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                self.fail(line, f"key {_cut(repr(key))} holds {key[exc.start]!r} at character "
-                                f"{exc.start}, a lone surrogate that UTF-8 cannot encode")
+                meta = validate_metadata(meta)
+            except InvalidInputError as exc:
+                self.fail(line, str(exc))
         if self.lines:
             first = self.lines[0]
             if len(vec) != len(self.vectors[0]):
@@ -229,6 +259,8 @@ class _Rows:
         self.vectors.append(vec)
         self.ids.append(id_)
         self.keys.append(key)
+        self.metadata.append(meta)
+        self.documents.append(doc)
         self.lines.append(line)
 
     def result(self):
@@ -238,7 +270,9 @@ class _Rows:
         _check_finite(arr, self.name, lambda i: f"line {self.lines[i]}")
         ids = np.asarray(self.ids, np.int64) if self.ids[0] is not None else None
         keys = self.keys if self.keys[0] is not None else None
-        return Loaded(arr, ids, keys)
+        metadata = self.metadata if any(m is not None for m in self.metadata) else None
+        documents = self.documents if any(d is not None for d in self.documents) else None
+        return Loaded(arr, ids, keys, metadata, documents)
 
 
 def _check_finite(arr, name, where):
@@ -286,16 +320,21 @@ def _jsonl(text, name):
             obj = _json(raw)
         except ValueError as exc:
             rows.fail(line, f"not valid JSON ({exc})")
-        id_ = key = None
+        id_ = key = meta = doc = None
         if isinstance(obj, dict):
             if "vector" not in obj:
                 rows.fail(line, 'the object has no "vector" field')
             vec = obj["vector"]
             id_, key = obj.get("id"), obj.get("key")
+            meta, doc = obj.get("metadata"), obj.get("document")
             if id_ is not None and _id(id_) is None:
                 rows.fail(line, _id_message(_cut(json.dumps(id_))))
             if key is not None and not isinstance(key, str):
                 rows.fail(line, f'"key" must be a string, got {_cut(json.dumps(key))}')
+            if meta is not None and not isinstance(meta, dict):
+                rows.fail(line, f'"metadata" must be an object, got {_cut(json.dumps(meta))}')
+            if doc is not None and not isinstance(doc, str):
+                rows.fail(line, f'"document" must be a string, got {_cut(json.dumps(doc))}')
         elif isinstance(obj, list):
             vec = obj
         else:
@@ -303,7 +342,7 @@ def _jsonl(text, name):
         arr = _numbers(vec)
         if arr is None or not len(arr):
             rows.fail(line, '"vector" must be a non-empty array of numbers')
-        rows.add(line, arr, id_, key)
+        rows.add(line, arr, id_, key, meta, doc)
     return rows.result()
 
 
@@ -345,7 +384,7 @@ def _records(reader, rows):
 
 
 def _csv_rows(rows, records):
-    id_col = key_col = None
+    id_col = key_col = meta_col = doc_col = None
     vec_cols = None
     width = None
     for line, written in records:
@@ -356,9 +395,11 @@ def _csv_rows(rows, records):
             width = len(cells)
             if not all(_is_number(c) for c in cells):  # a header
                 lower = [c.lower() for c in cells]
-                id_col = lower.index("id") if "id" in lower else None
-                key_col = lower.index("key") if "key" in lower else None
-                vec_cols = [i for i in range(width) if i not in (id_col, key_col)]
+                id_col, key_col, meta_col, doc_col = (
+                    lower.index(c) if c in lower else None
+                    for c in ("id", "key", "metadata", "document"))
+                vec_cols = [i for i in range(width)
+                            if i not in (id_col, key_col, meta_col, doc_col)]
                 if not vec_cols:
                     rows.fail(line, "the header has no vector columns")
                 continue
@@ -377,7 +418,18 @@ def _csv_rows(rows, records):
                 rows.fail(line, _id_message(_cut(repr(cells[id_col]))))
         if key_col is not None and written[key_col]:
             key = written[key_col]  # as written: spaces are part of a key
-        rows.add(line, vec, id_, key)
+        meta = doc = None
+        if meta_col is not None and cells[meta_col]:
+            try:
+                meta = _json(cells[meta_col])
+            except ValueError as exc:
+                rows.fail(line, f"metadata is not valid JSON ({exc})")
+            if not isinstance(meta, dict):
+                rows.fail(line, f"metadata must be a JSON object, got "
+                                f"{_cut(repr(cells[meta_col]))}")
+        if doc_col is not None and written[doc_col]:
+            doc = written[doc_col]  # as written, like a key
+        rows.add(line, vec, id_, key, meta, doc)
 
 
 def _is_number(cell):

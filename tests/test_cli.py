@@ -496,7 +496,7 @@ def test_a_write_error_on_the_output_names_the_output(db, tmp_path, monkeypatch)
 COMMAND_ARGS = {
     "create": ["NEW", "--dim", "4"], "add": ["NEW", "-"], "train": ["DB"], "retrain": ["DB"],
     "search": ["DB", "--id", "1"], "get": ["DB", "--id", "1"], "delete": ["DB", "--id", "1"],
-    "compact": ["DB"], "info": ["DB"], "export": ["DB"], "bench": ["DATA"],
+    "compact": ["DB"], "info": ["DB"], "export": ["DB"], "bench": ["DATA"], "count": ["DB"],
 }
 
 
@@ -611,3 +611,202 @@ def test_parse_vector():
     for bad in ("[]", "[[1, 2]]", '{"a": 1}', "[true, 1]", "[1, NaN]", "1,2"):
         with pytest.raises(rvqstore.InvalidInputError):
             parse_vector(bad)
+
+
+# -- metadata, documents and filters ----------------------------------------------------------
+
+def _item(i, v):
+    """Line i of the metadata store: every item has a group, every second a document."""
+    item = {"key": f"doc-{i}", "vector": v.tolist(), "metadata": {"group": i % 3, "tags": ["x"]}}
+    if i % 2 == 0:
+        item["document"] = f"text {i}"
+    return item
+
+
+@pytest.fixture
+def mdb(tmp_path, vectors):
+    """The 600 vectors with metadata (group i % 3) on all and documents on the even ones."""
+    src = tmp_path / "meta.jsonl"
+    src.write_text("".join(json.dumps(_item(i, v)) + "\n" for i, v in enumerate(vectors)))
+    path = tmp_path / "meta.db"
+    run("create", path, "--dim", "16", *SMALL)
+    run("add", path, src, "--train")
+    return path
+
+
+def test_add_reads_metadata_and_documents_from_json_lines(mdb):
+    with rvqstore.Store.open(mdb, readonly=True) as store:
+        assert store.metadata(keys=["doc-4", "doc-5"]) == [{"group": 1, "tags": ["x"]},
+                                                           {"group": 2, "tags": ["x"]}]
+        assert store.documents(keys=["doc-4", "doc-5"]) == ["text 4", None]
+
+
+def test_add_reads_metadata_and_document_columns_from_csv(tmp_path):
+    path = tmp_path / "c.db"
+    run("add", path, "-", "--format", "csv", input=(
+        'key,x,metadata,y,document\n'
+        'a,1,"{""year"": 2024, ""tags"": [""eu""]}",2," spaced, text "\n'
+        'b,3,,4,\n'))
+    with rvqstore.Store.open(path, readonly=True) as store:
+        assert store.get(keys=["a", "b"]).tolist() == [[1, 2], [3, 4]]
+        assert store.metadata(keys=["a", "b"]) == [{"year": 2024, "tags": ["eu"]}, None]
+        assert store.documents(keys=["a", "b"]) == [" spaced, text ", None]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"vector": [3, 4], "metadata": [1]}', '"metadata" must be an object, got [1]'),
+    ('{"vector": [3, 4], "metadata": {"$year": 1}}', "metadata key '$year' starts with '$'"),
+    ('{"vector": [3, 4], "metadata": {"a": {"b": 1}}}', "metadata key 'a'"),
+    ('{"vector": [3, 4], "document": 7}', '"document" must be a string, got 7'),
+])
+def test_bad_metadata_and_documents_name_file_and_line(mdb, tmp_path, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"vector": [1, 2], "metadata": {"a": 1}, "document": "ok"}\n' + line + "\n")
+    assert fails("add", mdb, bad).startswith(f"Error: {bad} line 2: {message}")
+    assert run("count", mdb) == "600\n"
+
+
+def test_bad_csv_metadata_names_file_and_line(tmp_path):
+    path = tmp_path / "c.db"
+    for cell, message in (('"{""a"": 1"', "metadata is not valid JSON"),
+                          ("[1]", "metadata must be a JSON object, got '[1]'")):
+        assert fails("add", path, "-", "--format", "csv",
+                     input=f'metadata,x\n"{{}}",1\n{cell},2\n').startswith(
+            f"Error: <stdin> line 3: {message}")
+    assert not path.exists()
+
+
+def test_add_with_metadata_is_one_transaction(mdb, tmp_path):
+    """A key already stored on the last line: nothing of the file is added."""
+    src = tmp_path / "more.jsonl"
+    src.write_text(json.dumps({"key": "new", "vector": [0.0] * 16, "metadata": {"group": 9}})
+                   + "\n" + json.dumps({"key": "doc-1", "vector": [0.0] * 16}) + "\n")
+    assert "already" in fails("add", mdb, src)
+    assert run("count", mdb, "--where", '{"group": 9}') == "0\n"
+    assert run("count", mdb) == "600\n"
+
+
+def test_add_upsert_replaces_by_key(mdb, tmp_path):
+    src = tmp_path / "up.jsonl"
+    src.write_text(json.dumps({"key": "doc-4", "vector": [1.0] * 16, "metadata": {"group": 7}})
+                   + "\n" + json.dumps({"key": "fresh", "vector": [2.0] * 16,
+                                        "document": "new"}) + "\n")
+    out = run("add", mdb, src, "--upsert")
+    assert "Added 1 vector to" in out and "replaced 1 already stored" in out
+    got = json.loads(run("get", mdb, "--key", "doc-4", "--key", "fresh", "--json"))
+    assert got[0] == {"id": 4, "key": "doc-4", "vector": [1.0] * 16, "metadata": {"group": 7}}
+    assert got[1]["id"] == 600 and got[1]["document"] == "new" and "metadata" not in got[1]
+    assert run("count", mdb) == "601\n"
+    assert "no keys" in fails("add", mdb, "-", "--upsert", input="[1, 2]\n")
+    assert "give ids" in fails("add", mdb, "-", "--upsert",
+                               input='{"id": 1, "key": "a", "vector": [1, 2]}\n')
+    assert "not both" in fails("add", mdb, src, "--upsert", "--skip-existing-keys", code=2)
+
+
+def test_search_where_keeps_k_results_that_pass(mdb, vectors):
+    q = json.dumps(vectors[0].tolist())
+    rows = json.loads(run("search", mdb, "--vector", q, "-k", "20", "--where",
+                          '{"group": 1}', "--json"))
+    assert len(rows) == 20 and all(r["id"] % 3 == 1 for r in rows)
+    assert "metadata" not in rows[0] and "document" not in rows[0]
+    few = json.loads(run("search", mdb, "--key", "doc-0", "--exclude-self", "--json",
+                         "--where", '{"$and": [{"group": 0}, {"group": {"$in": [0, 2]}}]}'))
+    assert [r["id"] % 3 for r in few] == [0] * 10 and 0 not in [r["id"] for r in few]
+    assert run("search", mdb, "--id", "0", "--where", '{"group": 5}', "--json") == "[]\n"
+
+
+def test_search_with_metadata_and_documents(mdb, vectors):
+    args = ["search", mdb, "--id", "4", "-k", "3", "--with-metadata", "--with-documents"]
+    rows = json.loads(run(*args, "--json"))
+    assert rows[0]["metadata"] == {"group": 1, "tags": ["x"]}
+    assert rows[0]["document"] == "text 4"
+    assert all(("document" in r) and (r["document"] is None) == (r["id"] % 2 == 1)
+               for r in rows)
+    cells = list(csv.DictReader(io.StringIO(run(*args, "--csv"))))
+    assert list(cells[0]) == ["query", "rank", "id", "key", "distance", "metadata", "document"]
+    assert json.loads(cells[0]["metadata"]) == {"group": 1, "tags": ["x"]}
+    assert cells[0]["document"] == "text 4"
+    table = run(*args).splitlines()
+    assert table[0].split() == ["rank", "id", "key", "distance", "metadata", "document"]
+    assert '{"group": 1, "tags": ["x"]}' in table[2] and "text 4" in table[2]
+    assert "metadata" not in run("search", mdb, "--id", "4", "-k", "3")
+
+
+def test_tables_shorten_and_escape_metadata_and_documents(tmp_path):
+    path = tmp_path / "t.db"
+    doc = "\x1b[2Jcleared " + "long " * 50
+    meta = {"note": "bell\x07" + "y" * 100}
+    run("add", path, "-", input=json.dumps({"key": "a", "vector": [1, 2], "metadata": meta,
+                                            "document": doc}) + "\n")
+    for table in (run("get", path, "--key", "a"),
+                  run("search", path, "--vector", "[1, 2]", "--with-metadata",
+                      "--with-documents")):
+        assert not [c for c in table if c != "\n" and (c < " " or "\x7f" <= c <= "\x9f")]
+        row = table.splitlines()[2]
+        assert "\\x1b[2Jcleared long" in row and '{"note": "bell\\u0007yyy' in row
+        assert "long " * 10 not in row and "y" * 50 not in row and "..." in row
+    got = json.loads(run("get", path, "--key", "a", "--json"))[0]
+    assert (got["metadata"], got["document"]) == (meta, doc)
+    cells = next(csv.DictReader(io.StringIO(run("get", path, "--key", "a", "--csv"),
+                                            newline="")))
+    assert (json.loads(cells["metadata"]), cells["document"]) == (meta, doc)
+
+
+@pytest.mark.parametrize("where, code, message", [
+    ('{"group": ', 2, "the filter is not valid JSON"),
+    ("[1, 2]", 2, "the filter must be a JSON object, got [1, 2]"),
+    ('"group"', 2, "the filter must be a JSON object"),
+    ('{"group": {"$near": 1}}', 1, "$near"),
+    ('{"group": {"$gt": [1]}}', 1, "$gt"),
+])
+def test_a_malformed_filter_is_a_usage_error_or_one_error_line(mdb, where, code, message):
+    for args in (["search", mdb, "--id", "1"], ["count", mdb], ["delete", mdb]):
+        assert message in fails(*args, "--where", where, code=code)
+    assert run("count", mdb) == "600\n"
+
+
+def test_count_and_delete_where(mdb):
+    assert run("count", mdb) == "600\n"
+    assert run("count", mdb, "--where", '{"group": {"$ne": 0}}') == "400\n"
+    assert run("delete", mdb, "--where", '{"group": 2}') == (
+        f"Deleted 200 vectors from {mdb} (400 left)\n")
+    assert run("count", mdb, "--where", '{"group": 2}') == "0\n"
+    assert "Deleted 0 vectors" in run("delete", mdb, "--where", '{"group": 2}')
+    for args in ([], ["--id", "1", "--where", "{}"], ["--key", "doc-1", "--where", "{}"]):
+        assert "give one of --id, --key" in fails("delete", mdb, *args, code=2)
+    assert "Deleted 400 vectors" in run("delete", mdb, "--where", "{}")
+
+
+def test_get_shows_metadata_and_documents_where_items_have_them(mdb):
+    got = json.loads(run("get", mdb, "--id", "4", "--id", "5", "--json"))
+    assert got[0]["metadata"] == {"group": 1, "tags": ["x"]} and got[0]["document"] == "text 4"
+    assert "document" not in got[1] and got[1]["metadata"] == {"group": 2, "tags": ["x"]}
+    assert run("get", mdb, "--id", "5").splitlines()[0].split() == ["id", "key", "vector",
+                                                                    "metadata"]
+    rows = list(csv.reader(io.StringIO(run("get", mdb, "--id", "4", "--id", "5", "--csv"))))
+    assert rows[0][:4] == ["id", "key", "metadata", "document"] and rows[2][3] == ""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_round_trips_metadata_and_documents(mdb, tmp_path, vectors, fmt):
+    out, copy = tmp_path / f"out.{fmt}", tmp_path / "copy.db"
+    run("export", mdb, "-o", out)
+    if fmt == "jsonl":
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert lines[4]["metadata"] == {"group": 1, "tags": ["x"]} and "document" not in lines[5]
+    else:
+        assert out.read_text().startswith("id,key,metadata,document,v0,")
+    run("add", copy, out)
+    with rvqstore.Store.open(mdb, readonly=True) as a, rvqstore.Store.open(copy) as b:
+        ids = a.ids()
+        assert b.ids().tolist() == ids.tolist() and b.keys(ids) == a.keys(ids)
+        assert b.metadata(ids) == a.metadata(ids) and b.documents(ids) == a.documents(ids)
+        np.testing.assert_array_equal(b.get(ids), vectors)
+
+
+def test_export_of_a_store_without_metadata_is_unchanged(db):
+    lines = run("export", db).splitlines()
+    assert all(list(json.loads(line)) == ["id", "key", "vector"] for line in lines)
+    header = run("export", db, "--format", "csv").splitlines()[0]
+    assert header == "id,key," + ",".join(f"v{i}" for i in range(16))
+    assert run("get", db, "--id", "1").splitlines()[0].split() == ["id", "key", "vector"]

@@ -4,6 +4,7 @@ that every refusal is an InputFileError naming the file, the line and the value.
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 import rvqstore
 from rvqstore import inputs
-from rvqstore.inputs import MAX_ID, InputFileError, parse_vector, read_vectors
+from rvqstore.inputs import MAX_ID, InputFileError, parse_object, parse_vector, read_vectors
 
 
 def _jsonl(tmp_path, *lines):
@@ -141,3 +142,51 @@ def test_json_ids_and_keys_of_the_wrong_type(tmp_path):
                  '{"id": 7.0, "vector": [1]}', '{"key": 7, "vector": [1]}'):
         with pytest.raises(InputFileError, match=r"v\.jsonl line 1: "):
             read_vectors(_jsonl(tmp_path, text))
+
+
+def test_metadata_and_documents_on_some_lines_or_none(tmp_path):
+    loaded = read_vectors(_jsonl(tmp_path, '{"vector": [1, 2], "metadata": {"a": [1, "x"]}}',
+                                 '{"vector": [3, 4], "metadata": null, "document": "d"}',
+                                 '[5, 6]'))
+    assert loaded.metadata == [{"a": [1, "x"]}, None, None]
+    assert loaded.documents == [None, "d", None]
+    plain = read_vectors(_jsonl(tmp_path, '{"key": "k", "vector": [1, 2]}'))
+    assert plain.metadata is None and plain.documents is None
+    assert read_vectors(_csv(tmp_path, "x,y", "1,2")).metadata is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"vector": [1], "metadata": "a=1"}', '"metadata" must be an object, got "a=1"'),
+    ('{"vector": [1], "metadata": {"": 1}}', "metadata key is empty"),
+    ('{"vector": [1], "metadata": {"n": 1e400}}', "metadata key 'n'"),
+    ('{"vector": [1], "metadata": {"n": 99999999999999999999}}', "metadata key 'n'"),
+    ('{"vector": [1], "metadata": {"l": [[1]]}}', "a list may hold only scalars"),
+    ('{"vector": [1], "document": ["a"]}', '"document" must be a string, got ["a"]'),
+    ('{"vector": [1], "document": "ab\\ud800"}',
+     "document 'ab\\ud800' holds '\\ud800' at character 2, a lone surrogate"),
+])
+def test_bad_metadata_and_documents_name_the_line(tmp_path, text, message):
+    path = _jsonl(tmp_path, '{"vector": [0], "metadata": {"a": 1}}', text)
+    with pytest.raises(InputFileError) as info:
+        read_vectors(path)
+    assert str(info.value).startswith(f"{path} line 2: ") and message in str(info.value)
+
+
+def test_csv_metadata_and_document_columns(tmp_path):
+    path = _csv(tmp_path, "Document,x,METADATA,y", '" as written ",1," {""a"": 1} ",2', ",3,,4")
+    loaded = read_vectors(path)
+    assert loaded.vectors.tolist() == [[1, 2], [3, 4]]
+    assert loaded.metadata == [{"a": 1}, None] and loaded.documents == [" as written ", None]
+    for cell, message in (('"{""$a"": 1}"', "metadata key '$a' starts with '$'"),
+                          ("7", "metadata must be a JSON object, got '7'"),
+                          ("{", "metadata is not valid JSON")):
+        with pytest.raises(InputFileError, match=r"v\.csv line 2: " + re.escape(message)):
+            read_vectors(_csv(tmp_path, "metadata,x", f"{cell},1"))
+
+
+def test_parse_object():
+    assert parse_object('{"a": {"$gt": 1}}') == {"a": {"$gt": 1}}
+    for bad, message in (("[1]", "must be a JSON object, got [1]"), ("{", "is not valid JSON"),
+                         ("null", "must be a JSON object, got null")):
+        with pytest.raises(rvqstore.InvalidInputError, match=re.escape(f"the filter {message}")):
+            parse_object(bad, name="the filter")
