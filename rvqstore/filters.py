@@ -521,7 +521,7 @@ def _num_cmp(f: _Field, op, x, n):
         if op == "$eq":
             m = np.zeros(n, bool)
         elif op in ("$lt", "$lte"):
-            m = f.num <= xf
+            m = f.num <= xf if r < x else f.num < xf
         else:
             m = f.num >= xf if r > x else f.num > xf
     else:
