@@ -574,7 +574,7 @@ def delete(db, ids, keys, where):
 @_db
 @_where("Count only the items whose metadata passes this filter (a JSON object).")
 def count(db, where):
-    """Print how many items the store holds (or pass --where)."""
+    """Print how many items the store holds, or how many pass --where."""
     with _open(db, readonly=True) as store:
         click.echo(store.count(where))
 
