@@ -267,15 +267,28 @@ def document_list(documents, n):
 
 
 def parse_metadata(text, path, i):
-    """A stored metadata text as a dict; anything else is a ``BadFileError``."""
+    """A stored metadata text as a dict that passes :func:`validate_metadata` (the file is
+    input); anything else is a ``BadFileError``."""
     try:
-        meta = json.loads(text)
-    except (TypeError, ValueError, RecursionError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise BadFileError(f"{path}: the metadata of id {i} is not a JSON object: "
+        return validate_metadata(json.loads(text))
+    except (TypeError, ValueError, RecursionError):  # InvalidInputError is a ValueError
+        raise BadFileError(f"{path}: the metadata of id {i} is not a valid metadata object: "
+                           "the file is corrupted") from None
+
+
+def stored_metadata(db, ids):
+    """{id: dict} of the ``ids`` that have metadata, checked."""
+    return {i: parse_metadata(t, db.path, i) for i, t in db.metadata_for_ids(ids).items()}
+
+
+def stored_documents(db, ids):
+    """{id: str} of the ``ids`` that have a document, checked."""
+    found = db.documents_for_ids(ids)
+    bad = [i for i, d in found.items() if not isinstance(d, str)]
+    if bad:
+        raise BadFileError(f"{db.path}: the document of id {bad[0]} is not text: "
                            "the file is corrupted")
-    return meta
+    return found
 
 
 def resolve(db, ids, keys):

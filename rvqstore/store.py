@@ -545,16 +545,7 @@ class Store:
                 res = _padded(res, kq)
         if fts is not None:
             res = self._fused(q, res, fts, k, allow)
-        found = np.unique(res.ids[res.ids >= 0]).tolist()
-        keys = metas = docs = None
-        if with_keys:
-            keys = _rows_of(res.ids, db.keys_for_ids(found))
-        if with_metadata:
-            stored = db.metadata_for_ids(found)
-            metas = _rows_of(res.ids, {i: _config.parse_metadata(t, db.path, i)
-                                       for i, t in stored.items()})
-        if with_documents:
-            docs = _rows_of(res.ids, db.documents_for_ids(found))
+        keys, metas, docs = self._extras(res.ids, with_keys, with_metadata, with_documents)
         if single:
             first = lambda rows: None if rows is None else rows[0]  # noqa: E731
             return SearchResult(res.ids[0], res.distances[0], first(keys), first(metas),
@@ -613,17 +604,17 @@ class Store:
         dist = np.full(k, np.inf, np.float32)
         if rows:
             ids[:len(rows)], dist[:len(rows)] = zip(*rows)
-        found = [i for i in ids.tolist() if i >= 0]
-        keys = [db.keys_for_ids(found).get(i) for i in ids.tolist()] if with_keys else None
-        metas = docs = None
-        if with_metadata:
-            stored = db.metadata_for_ids(found)
-            metas = [None if i not in stored else _config.parse_metadata(stored[i], db.path, i)
-                     for i in ids.tolist()]
-        if with_documents:
-            stored = db.documents_for_ids(found)
-            docs = [stored.get(i) for i in ids.tolist()]
-        return SearchResult(ids, dist, keys, metas, docs)
+        extras = self._extras(ids[None], with_keys, with_metadata, with_documents)
+        return SearchResult(ids, dist, *(None if e is None else e[0] for e in extras))
+
+    def _extras(self, ids, with_keys, with_metadata, with_documents):
+        """(keys, metadata, documents) of the result ids (nq, k), each laid out like them,
+        or None where not asked for."""
+        db = self._db
+        found = np.unique(ids[ids >= 0]).tolist()
+        return (_rows_of(ids, db.keys_for_ids(found)) if with_keys else None,
+                _rows_of(ids, _config.stored_metadata(db, found)) if with_metadata else None,
+                _rows_of(ids, _config.stored_documents(db, found)) if with_documents else None)
 
     def _exact_among(self, q, ids, k):
         """Exact top k of each query among the stored vectors ``ids`` (the filtered plan)."""
@@ -665,9 +656,8 @@ class Store:
             raise InvalidInputError("give either ids or keys")
         with db.read():
             ids = _config.resolve(db, ids, keys)
-            stored = db.metadata_for_ids(ids.tolist())
-        return [None if i not in stored else _config.parse_metadata(stored[i], db.path, i)
-                for i in ids.tolist()]
+            stored = _config.stored_metadata(db, ids.tolist())
+        return [stored.get(i) for i in ids.tolist()]
 
     @_translated
     def documents(self, ids=None, *, keys=None):
@@ -677,7 +667,7 @@ class Store:
             raise InvalidInputError("give either ids or keys")
         with db.read():
             ids = _config.resolve(db, ids, keys)
-            stored = db.documents_for_ids(ids.tolist())
+            stored = _config.stored_documents(db, ids.tolist())
         return [stored.get(i) for i in ids.tolist()]
 
     def _fetch(self, ids):

@@ -422,3 +422,24 @@ def test_the_cli_reports_a_bad_file_in_one_line(made, craft):
     finally:
         if holder is not None:
             holder.close()
+
+
+@pytest.mark.parametrize("column,value,named", [
+    ("metadata", '{"a": {"nested": 1}}', "metadata of id 2"),
+    ("metadata", '[1, 2]', "metadata of id 2"),
+    ("document", b"\x00\x01", "document of id 2")])
+def test_stored_metadata_and_documents_are_checked(tmp_path, column, value, named):
+    path = tmp_path / "m.db"
+    x = clustered(20, 16, seed=9)
+    with Store.open(path, dim=16) as s:
+        s.add(x, metadata=[{"a": i} for i in range(20)], documents=["d"] * 20)
+    edit(path, (f"UPDATE rvq_vectors SET {column} = ? WHERE id = 2", (value,)))
+    with Store.open(path, readonly=True) as s:
+        read = s.metadata if column == "metadata" else s.documents
+        with pytest.raises(BadFileError, match=named):
+            read([2])
+        with pytest.raises(BadFileError, match=named):
+            s.search(x[2], k=3, with_metadata=True, with_documents=True)
+        if column == "metadata":
+            with pytest.raises(BadFileError, match=named):
+                s.count({"a": 2})

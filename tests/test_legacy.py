@@ -1,6 +1,6 @@
 """Stores written by earlier releases open, upgrade and answer as they did.
 
-``tests/fixtures/legacy-vN-*.db`` were written at schema N by ``make_legacy_vN.py``
+``tests/fixtures/legacy-vN-*.db`` were written at schema N by ``make_legacy.py N``
 (v1: rvqstore 0.1.0; v2: checksums, before metadata), which also recorded their answers.
 """
 

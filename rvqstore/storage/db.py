@@ -8,7 +8,7 @@ import os
 
 try:
     import fcntl
-except ImportError:  # not POSIX: builds are never taken for stale (see Database.builds_idle)
+except ImportError:  # not POSIX: builds are never taken for stale (Database.build_locks)
     fcntl = None
 import sqlite3
 import stat

@@ -10,7 +10,7 @@ import functools
 import re
 import sqlite3
 
-from ..errors import BadFileError, SchemaTooNewError
+from ..errors import BadFileError
 from . import migrations
 
 
@@ -76,4 +76,4 @@ def verify(conn, path):
                        "or written)")
 
 
-__all__ = ["verify", "expected", "SchemaTooNewError"]
+__all__ = ["verify", "expected"]
