@@ -20,16 +20,7 @@ import numpy as np
 
 from rvqstore import Store
 
-from .common import Threads
-
-
-def median_time(fn, passes=5):
-    out = []
-    for _ in range(passes):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+from .common import Threads, median_time
 
 
 def main():
@@ -72,9 +63,9 @@ def main():
             [zlib.crc32(mv[o:o + w - 4]) for o in range(0, len(blob), w)]
 
     with Threads(1):
-        t_read = median_time(read_blocks)
-        t_check = median_time(check_blocks)
-        t_cand = median_time(check_candidates) / args.queries
+        t_read = median_time(read_blocks, 5)
+        t_check = median_time(check_blocks, 5)
+        t_cand = median_time(check_candidates, 5) / args.queries
         with Store.open(args.path, readonly=True) as s:  # loads the compiled kernels
             dim = s.dim
             qs = np.random.default_rng(1).standard_normal((args.queries, dim)).astype(np.float32)
@@ -83,7 +74,7 @@ def main():
         with Store.open(args.path, readonly=True) as s:
             s.search(qs[0], k=10, rerank=args.rerank)
             t_open = time.perf_counter() - t0
-            t_query = median_time(lambda: [s.search(q, k=10, rerank=args.rerank) for q in qs])
+            t_query = median_time(lambda: [s.search(q, k=10, rerank=args.rerank) for q in qs], 5)
             t_query /= args.queries
     print(f"store: {n:,} vectors, {len(blocks)} code blocks, originals of {q_dim} bytes; "
           "1 thread")

@@ -651,24 +651,22 @@ class Store:
     @_translated
     def metadata(self, ids=None, *, keys=None):
         """The metadata of items, by id or key (a dict, or None where an item has none)."""
-        db = self._live()
-        if (ids is None) == (keys is None):
-            raise InvalidInputError("give either ids or keys")
-        with db.read():
-            ids = _config.resolve(db, ids, keys)
-            stored = _config.stored_metadata(db, ids.tolist())
-        return [stored.get(i) for i in ids.tolist()]
+        return self._per_item(ids, keys, _config.stored_metadata)
 
     @_translated
     def documents(self, ids=None, *, keys=None):
         """The documents of items, by id or key (None where an item has none)."""
+        return self._per_item(ids, keys, _config.stored_documents)
+
+    def _per_item(self, ids, keys, read):
+        """``read(db, ids)`` ({id: value}) in the order asked, None where absent."""
         db = self._live()
         if (ids is None) == (keys is None):
             raise InvalidInputError("give either ids or keys")
         with db.read():
-            ids = _config.resolve(db, ids, keys)
-            stored = _config.stored_documents(db, ids.tolist())
-        return [stored.get(i) for i in ids.tolist()]
+            ids = _config.resolve(db, ids, keys).tolist()
+            stored = read(db, ids)
+        return [stored.get(i) for i in ids]
 
     def _fetch(self, ids):
         """Originals of the sorted unique ``ids`` a rerank asks for."""
