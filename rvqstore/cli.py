@@ -134,6 +134,11 @@ def _where(help):
     return click.option("--where", type=_WhereType(), metavar="JSON", help=help)
 
 
+def _with_extras(f):
+    f = click.option("--with-documents", is_flag=True, help="Show the results' documents.")(f)
+    return click.option("--with-metadata", is_flag=True, help="Show the results' metadata.")(f)
+
+
 def _output(f):
     f = click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")(f)
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
@@ -472,13 +477,15 @@ def retrain(db, quiet):
               help="With --key or --id: leave the item itself out of its results.")
 @_where("Only items whose metadata passes this filter, a JSON object such as "
         '\'{"year": {"$gte": 2024}}\'.')
-@click.option("--with-metadata", is_flag=True, help="Show the results' metadata.")
-@click.option("--with-documents", is_flag=True, help="Show the results' documents.")
+@click.option("--text", metavar="TEXT",
+              help="Hybrid search, with one query: fuse its ranking with a keyword search "
+                   "of the documents for TEXT.")
+@_with_extras
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Format of QUERYFILE [default: as for add].")
 @_output
-def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, with_metadata,
-           with_documents, fmt, as_json, as_csv):
+def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, text,
+           with_metadata, with_documents, fmt, as_json, as_csv):
     """The k nearest stored vectors of each query.
 
     Give the queries as QUERYFILE (any format add reads; - for stdin), or one query
@@ -486,6 +493,11 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, with
     itself is in its results unless --exclude-self). With --where, the k nearest
     among the items that pass the filter (MongoDB style: $eq $ne $gt $gte $lt $lte
     $in $nin $exists $contains $and $or $not).
+
+    With --text, the results come in the order of reciprocal rank fusion of the
+    vector ranking and the keyword ranking (as text-search finds it), with their
+    vector distances; a distance is left blank (JSON: null) when the store keeps no
+    originals to compute it for an item that only the text found.
     """
     out = _format(as_json, as_csv)
     given = [n for n, v in (("QUERYFILE", queryfile), ("--vector", vector), ("--key", key),
@@ -499,32 +511,78 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, with
         self_id = None
         if queryfile is not None:
             queries = read_vectors(queryfile, format=fmt).vectors
+            if text is not None and len(queries) != 1:
+                name = "<stdin>" if queryfile == "-" else queryfile
+                raise click.UsageError(f"--text (hybrid search) takes one query; {name} "
+                                       f"holds {len(queries):,}")
         elif vector is not None:
             queries = vector[None, :]
         else:
             self_id = int(store.ids_for_keys([key])[0]) if key is not None else id_
             queries = store.get([self_id])
-        res = store.search(queries, k=k, rerank=rerank, with_keys=True, where=where,
+        res = store.search(queries, k=k, rerank=rerank, with_keys=True, where=where, text=text,
                            with_metadata=with_metadata, with_documents=with_documents,
                            exclude=[self_id] if exclude_self else None)
-    rows = []
-    for q in range(len(queries)):
-        for r, j in enumerate(np.flatnonzero(res.ids[q] >= 0), 1):
-            row = {"query": q, "rank": r, "id": int(res.ids[q][j]), "key": res.keys[q][j],
-                   "distance": _f32(res.distances[q][j])}
-            if with_metadata:
-                row["metadata"] = res.metadata[q][j]
-            if with_documents:
-                row["document"] = res.documents[q][j]
-            rows.append(row)
-    columns = ["query", "rank", "id", "key", "distance"]
-    columns += ["metadata"] * with_metadata + ["document"] * with_documents
-    if out == "table":
-        if len(queries) == 1:
-            columns.remove("query")
-        if all(r["key"] is None for r in rows):
-            columns.remove("key")
+    rows = [{"query": q, **row} for q in range(len(queries))
+            for row in _ranked(res, q, "distance", with_metadata, with_documents)]
+    columns = _ranked_columns(["query", "rank", "id", "key", "distance"], rows, out,
+                              with_metadata, with_documents)
+    if out == "table" and len(queries) == 1:
+        columns.remove("query")
     _emit(rows, columns, out, formats={"distance": "{:.4f}"})
+
+
+@main.command("text-search")
+@_db
+@click.argument("text")
+@click.option("-k", "k", type=int, default=10, metavar="K", show_default=True,
+              help="Results.")
+@_where("Only items whose metadata passes this filter, a JSON object such as "
+        '\'{"year": {"$gte": 2024}}\'.')
+@_with_extras
+@_output
+def text_search(db, text, k, where, with_metadata, with_documents, as_json, as_csv):
+    """The k documents that best match TEXT (keyword search, no vectors).
+
+    TEXT is read as plain words, any of which may match (no query syntax). Results
+    come best first with their BM25 score from SQLite FTS5, where lower is better.
+    """
+    out = _format(as_json, as_csv)
+    with _open(db, readonly=True) as store:
+        res = store.text_search(text, k=k, where=where, with_keys=True,
+                                with_metadata=with_metadata, with_documents=with_documents)
+        rows = list(_ranked(res, None, "score", with_metadata, with_documents))
+        if not rows and not store.info()["bytes"]["documents"]:
+            raise _error(f"{db} holds no documents to search (add gives them from a "
+                         "\"document\" field or column)")
+    columns = _ranked_columns(["rank", "id", "key", "score"], rows, out, with_metadata,
+                              with_documents)
+    _emit(rows, columns, out, formats={"score": "{:.4f}"})
+
+
+def _ranked(res, q, measure, with_metadata, with_documents):
+    """The rows of query ``q`` of a SearchResult (``None``: a 1-D one), without padding:
+    rank, id, key, ``measure`` (the distance, None where not finite) and the extras."""
+    pick = (lambda a: a) if q is None else (lambda a: None if a is None else a[q])
+    ids, dist, keys = pick(res.ids), pick(res.distances), pick(res.keys)
+    metas, docs = pick(res.metadata), pick(res.documents)
+    for r, j in enumerate(np.flatnonzero(ids >= 0), 1):
+        row = {"rank": r, "id": int(ids[j]), "key": keys[j],
+               measure: _f32(dist[j]) if np.isfinite(dist[j]) else None}
+        if with_metadata:
+            row["metadata"] = metas[j]
+        if with_documents:
+            row["document"] = docs[j]
+        yield row
+
+
+def _ranked_columns(columns, rows, out, with_metadata, with_documents):
+    """``columns`` and the extras asked for; a table leaves out the key column when no
+    result has a key."""
+    columns = columns + ["metadata"] * with_metadata + ["document"] * with_documents
+    if out == "table" and all(r["key"] is None for r in rows):
+        columns.remove("key")
+    return columns
 
 
 @main.command()

@@ -362,6 +362,9 @@ def test_training_too_few_vectors(tmp_path):
     ["add", "DB"],
     ["frobnicate"],
     ["info", "DB", "--nope"],
+    ["text-search", "DB"],                             # no text
+    ["text-search", "DB", "word", "--json", "--csv"],
+    ["text-search", "DB", "word", "--where", "[1]"],
 ])
 def test_usage_errors_exit_2(db, tmp_path, args):
     args = [str(db) if a == "DB" else str(tmp_path / "new.db") if a == "NEW" else a for a in args]
@@ -497,6 +500,7 @@ COMMAND_ARGS = {
     "create": ["NEW", "--dim", "4"], "add": ["NEW", "-"], "train": ["DB"], "retrain": ["DB"],
     "search": ["DB", "--id", "1"], "get": ["DB", "--id", "1"], "delete": ["DB", "--id", "1"],
     "compact": ["DB"], "info": ["DB"], "export": ["DB"], "bench": ["DATA"], "count": ["DB"],
+    "text-search": ["DB", "word"],
 }
 
 
@@ -810,3 +814,141 @@ def test_export_of_a_store_without_metadata_is_unchanged(db):
     header = run("export", db, "--format", "csv").splitlines()[0]
     assert header == "id,key," + ",".join(f"v{i}" for i in range(16))
     assert run("get", db, "--id", "1").splitlines()[0].split() == ["id", "key", "vector"]
+
+
+# -- keyword and hybrid search ----------------------------------------------------------------
+
+def _strict_json(text):
+    """JSON as the standard has it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_text_search_outputs_match_the_store(mdb):
+    """Documents are "text i" on the even items: "text 4" ranks doc-4 first, then other
+    documents that have "text"; --where and the extras as in search."""
+    rows = _strict_json(run("text-search", mdb, "text 4", "-k", "5", "--json"))
+    with rvqstore.Store.open(mdb, readonly=True) as store:
+        want = store.text_search("text 4", k=5)
+        where = store.text_search("text 4", k=3, where={"group": 1})
+    assert [r["id"] for r in rows] == want.ids.tolist() and rows[0]["id"] == 4
+    assert [r["score"] for r in rows] == [_f32(d) for d in want.distances]
+    assert [list(r) for r in rows] == [["rank", "id", "key", "score"]] * 5
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["key"] == f"doc-{r['id']}" and r["id"] % 2 == 0 for r in rows)
+    args = ["text-search", mdb, "text 4", "-k", "3", "--where", '{"group": 1}',
+            "--with-metadata", "--with-documents"]
+    rows = _strict_json(run(*args, "--json"))
+    assert [r["id"] for r in rows] == where.ids.tolist() and 4 in where.ids
+    assert all(r["metadata"] == {"group": 1, "tags": ["x"]} and r["document"] == f"text {r['id']}"
+               for r in rows)
+    cells = list(csv.DictReader(io.StringIO(run(*args, "--csv"))))
+    assert list(cells[0]) == ["rank", "id", "key", "score", "metadata", "document"]
+    assert [int(c["id"]) for c in cells] == where.ids.tolist()
+    assert [float(c["score"]) for c in cells] == pytest.approx(where.distances.tolist())
+    assert json.loads(cells[0]["metadata"]) == {"group": 1, "tags": ["x"]}
+    table = run(*args).splitlines()
+    assert table[0].split() == ["rank", "id", "key", "score", "metadata", "document"]
+    assert len(table) == 2 + 3
+    first = table[2].split()
+    assert first[:3] == ["1", str(where.ids[0]), f"doc-{where.ids[0]}"]
+    assert first[3] == f"{where.distances[0]:.4f}" and f"text {where.ids[0]}" in table[2]
+
+
+def test_text_search_without_a_match_prints_no_rows(mdb):
+    assert run("text-search", mdb, "zebra", "--json") == "[]\n"
+    assert run("text-search", mdb, "zebra", "--csv") == "rank,id,key,score\n"
+    assert run("text-search", mdb, "text", "--where", '{"group": 7}', "--json") == "[]\n"
+    assert run("text-search", mdb, "zebra").splitlines()[0].split() == ["rank", "id", "score"]
+
+
+def test_text_search_errors(db, mdb, tmp_path):
+    """No documents to search, and text without a word: one error line each."""
+    message = f"Error: {db} holds no documents to search"
+    assert fails("text-search", db, "doc").startswith(message)
+    empty = tmp_path / "empty.db"
+    run("create", empty, "--dim", "16")
+    assert fails("text-search", empty, "doc", "--json").startswith(f"Error: {empty} holds no")
+    for text in ("", " ,;!? ", "--"):
+        assert "has no words to search for" in fails("text-search", mdb, "--", text)
+        assert "has no words to search for" in fails("search", mdb, "--id", "4", "--text", text)
+    assert "k must be" in fails("text-search", mdb, "text", "-k", "0")
+    assert "$near" in fails("text-search", mdb, "text", "--where", '{"group": {"$near": 1}}')
+
+
+def test_text_search_takes_words_not_query_syntax(mdb):
+    """FTS5 operators in TEXT are words like any other: no syntax error, no NOT."""
+    rows = json.loads(run("text-search", mdb, 'text NOT "4" OR 6*', "-k", "600", "--json"))
+    assert {4, 6} <= {r["id"] for r in rows}
+
+
+def test_search_text_is_the_stores_hybrid_search(mdb, vectors, tmp_path):
+    args = ["search", mdb, "--id", "8", "-k", "6", "--text", "40 12",
+            "--with-documents"]
+    rows = _strict_json(run(*args, "--json"))
+    with rvqstore.Store.open(mdb, readonly=True) as store:
+        want = store.search(vectors[8], k=6, text="40 12")
+        plain = store.search(vectors[8], k=6)
+        where = store.search(vectors[8], k=6, text="40 12", where={"group": 0})
+    assert [r["id"] for r in rows] == want.ids.tolist() != plain.ids.tolist()
+    assert {40, 12} <= set(want.ids.tolist())  # the text brought them in
+    assert [r["distance"] for r in rows] == [_f32(d) for d in want.distances]
+    assert all(r["document"] == f"text {r['id']}" for r in rows if r["id"] % 2 == 0)
+    cells = list(csv.DictReader(io.StringIO(run(*args, "--csv"))))
+    assert list(cells[0]) == ["query", "rank", "id", "key", "distance", "document"]
+    assert [int(c["id"]) for c in cells] == want.ids.tolist()
+    table = run(*args).splitlines()
+    assert table[0].split() == ["rank", "id", "key", "distance", "document"]
+    assert [int(line.split()[1]) for line in table[2:]] == want.ids.tolist()
+    got = json.loads(run(*args, "--where", '{"group": 0}', "--json"))
+    assert [r["id"] for r in got] == where.ids.tolist()
+    assert all(i % 3 == 0 for i in where.ids) and 12 in where.ids
+    one = tmp_path / "one.npy"
+    np.save(one, vectors[8:9])
+    assert json.loads(run("search", mdb, one, "-k", "6", "--text", "40 12",
+                          "--with-documents", "--json")) == rows
+
+
+def test_search_text_takes_one_query(mdb, vectors, tmp_path):
+    three = tmp_path / "three.npy"
+    np.save(three, vectors[:3])
+    message = fails("search", mdb, three, "--text", "text", code=2)
+    assert f"--text (hybrid search) takes one query; {three} holds 3" in message
+    message = fails("search", mdb, "-", "--format", "csv", "--text", "text", code=2,
+                    input="1" + ",0" * 15 + "\n2" + ",0" * 15 + "\n")
+    assert "<stdin> holds 2" in message
+
+
+def test_search_text_in_a_store_without_documents_ranks_by_vector(db, vectors):
+    q = json.dumps(vectors[3].tolist())
+    plain = json.loads(run("search", db, "--vector", q, "-k", "5", "--json"))
+    assert json.loads(run("search", db, "--vector", q, "-k", "5", "--text", "doc",
+                          "--json")) == plain
+
+
+def test_hybrid_distances_a_store_cannot_compute_are_blank(tmp_path, vectors):
+    """Without originals an item found by its text alone has no distance: null in JSON,
+    an empty cell in CSV and the table, never a non-JSON Infinity."""
+    path = tmp_path / "codes.db"
+    run("create", path, "--no-originals", *SMALL)
+    src = tmp_path / "meta.jsonl"
+    src.write_text("".join(json.dumps(_item(i, v)) + "\n" for i, v in enumerate(vectors)))
+    run("add", path, src, "--train")
+    args = ["search", path, "--vector", json.dumps(vectors[1].tolist()), "-k", "200",
+            "--text", "text"]
+    with pytest.raises(ValueError, match="not JSON"):  # what Infinity would do
+        _strict_json('[{"distance": Infinity}]')
+    rows = _strict_json(run(*args, "--json"))
+    assert len(rows) == 200
+    blank = [r for r in rows if r["distance"] is None]
+    assert blank and all(r["id"] % 2 == 0 for r in blank)  # documents on even items only
+    assert all(isinstance(r["distance"], float) for r in rows if r["distance"] is not None)
+    cells = list(csv.DictReader(io.StringIO(run(*args, "--csv"))))
+    assert [c["distance"] == "" for c in cells] == [r["distance"] is None for r in rows]
+    table = run(*args).splitlines()[2:]
+    assert [len(line.split()) == 3 for line in table] == [r["distance"] is None for r in rows]
+
+
+def _f32(x):
+    return float(str(np.float32(x)))
