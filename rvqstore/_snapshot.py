@@ -8,6 +8,7 @@ builds and refreshes it from the file, keeps it in step with the store's own wri
 reads originals for rerank.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -63,7 +64,8 @@ def load(db, config: Config, old):
     else:
         first = 0
         kept = FlatCodeIndex(config.metric, codec(db, config, version),
-                             *codeblocks.empty(config.stages))
+                             *codeblocks.empty(config.stages),
+                             rms_error=rms_error(db, config, version))
     ids, codes, norms, nread = read_codes(db, config, version, first)
     kept.append(ids, codes, norms)
     dead = db.tombstones()
@@ -121,6 +123,20 @@ def codec(db, config, version, *, state="active"):
         return ResidualQuantizer(unpack_codebooks(row["data"], *shape, row["checksum"]))
     except BadFileError as exc:
         raise BadFileError(f"{db.path}: codebook version {version}: {exc}") from None
+
+
+def rms_error(db, config, version):
+    """The codes' root mean squared error per dimension: from the codebooks' training
+    figures and the errors of the vectors added since, whichever is larger."""
+    row = db.codebooks_row(version)
+    figures = (row["train_mse"], row["added_count"], row["added_sq_error"])
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in figures):
+        raise BadFileError(f"{db.path}: codebook version {version} has error figures "
+                           f"{figures!r}, not finite numbers >= 0: the file is corrupted")
+    mse, added, sq = figures
+    if added:
+        mse = max(mse, sq / added)
+    return math.sqrt(mse / config.dim)
 
 
 class Codecs:

@@ -28,12 +28,17 @@ from .storage import ORIGINAL_FORMATS, classify, translate_errors
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
 DEFAULT_RERANK = 10
-"""Candidates per result for the exact second pass: 10-recall@10 >= 0.95 at S=16 (README)."""
+"""The candidates per result a filtered search weighs against comparing the passing items
+exactly (see EXACT_PLAN_ROWS), and the usual explicit ``rerank=``."""
 
+AUTO_RERANK = (5, 50)
+"""The least and most candidates per result the adaptive rerank (``rerank=None``) reads;
+between them, every candidate within the ADC error margin (:func:`algo.search.rerank_depths`).
+"""
 
 EXACT_PLAN_ROWS = 2
 """A filtered search compares the passing items exactly when at most this many times
-``k * rerank`` pass: reading them costs no more than a scan's rerank reads."""
+``k * DEFAULT_RERANK`` pass: reading them costs no more than a scan's rerank reads."""
 
 
 HYBRID_DEPTH = 50
@@ -95,7 +100,8 @@ class Store:
         self._seen_version = None
         self._snap = None  # the in-memory index, loaded lazily and refreshed on change
         self._codecs = _snapshot.Codecs()
-        self._plans = collections.Counter(scan=0, exact=0)  # searches by plan, for info()
+        # searches by plan and originals read (rerank, exact plan), for info()
+        self._plans = collections.Counter(scan=0, exact=0, originals_read=0)
 
     # -- opening and closing ----------------------------------------------------------------
 
@@ -479,9 +485,13 @@ class Store:
         ----------
         queries : array-like of shape (nq, dim) or (dim,)
         k : int > 0
-        rerank : int >= 1 or None. ADC picks ``k * rerank`` candidates, which are reranked
-            exactly against the originals; 1 ranks by codes alone. Default 10 when the store
-            keeps originals, else 1. Ignored before training (search is exact then).
+        rerank : int >= 1 or None. None (the default, when the store keeps originals): ADC
+            candidates are reranked exactly against the originals as deep as the codes'
+            error requires: every candidate whose estimate is within the error margin of
+            the k-th best (at least ``5 * k``, at most ``50 * k``; deeper for queries far
+            from what passes a filter). An integer reranks exactly ``k * rerank``
+            candidates; 1 ranks by codes alone (the default without originals). Ignored
+            before training (search is exact then).
         where : dict or None, a metadata filter (:mod:`rvqstore.filters`): the result is the
             k nearest among the items that pass it, never fewer than min(k, matches). When
             few items pass, their originals are compared exactly instead of scanning the
@@ -507,8 +517,9 @@ class Store:
         k = check_k(k)
         ex = None if exclude is None else self._id_array(exclude, "exclude")
         flt = None if where is None else Filter.parse(where)
+        adaptive = rerank is None and self.config.keep_originals
         if rerank is None:
-            rerank = DEFAULT_RERANK if self.config.keep_originals else 1
+            rerank = DEFAULT_RERANK if adaptive else 1
         if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 1:
             raise InvalidInputError(f"rerank must be an integer >= 1, got {rerank!r}")
         if rerank > MAX_K:
@@ -531,15 +542,25 @@ class Store:
                 int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * kq * rerank:
             # few rows pass: their exact distances cost less than a scan, and are exact
             self._plans["exact"] += 1
-            res = self._exact_among(q, index.ids[allow & index.live()], kq)
+            among = index.ids[allow & index.live()]
+            self._plans["originals_read"] += len(among)
+            res = self._exact_among(q, among, kq)
         elif not snap.version:
             self._plans["exact"] += 1
             res = index.search(q, k=kq, allow=allow)
         else:
             self._plans["scan"] += 1
+            depth = kq * (AUTO_RERANK[1] if adaptive else rerank)
             # more candidates than rows would only allocate padding
-            res = index.search(q, k=max(min(kq * rerank, len(index.ids)), 1), allow=allow)
-            if rerank > 1:
+            res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow)
+            if adaptive:
+                depths = algo.search.rerank_depths(q, res.distances, k=kq, metric=self.metric,
+                                                   rms_error=index.rms_error,
+                                                   floor=kq * AUTO_RERANK[0])
+                cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
+                res = SearchResult(np.where(cut, -1, res.ids), res.distances)
+            if rerank > 1 or adaptive:
+                self._plans["originals_read"] += int(np.count_nonzero(res.ids >= 0))
                 res = algo.rerank(q, res.ids, self._fetch, k=kq, metric=self.metric)
             else:
                 res = _padded(res, kq)

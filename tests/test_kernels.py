@@ -60,11 +60,34 @@ def test_scan_topk_batch_matches_single():
     codes = rng.integers(K, size=(n, S)).astype(np.uint8)
     luts = rng.standard_normal((6, S * K)).astype(np.float32)
     bias = rng.random(n).astype(np.float32)
-    bd, bi = kernels.scan_topk_batch(codes, luts, bias, 7)
+    bd, bi = kernels.scan_topk_batch(codes, kernels.ALL_ROWS, False, luts, bias, 7)
     for q in range(6):
         rd, ri = scan_topk_ref(codes, luts[q], bias, 7)
         np.testing.assert_array_equal(bi[q], ri)
         np.testing.assert_allclose(bd[q], rd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("S", [5, 16])
+@pytest.mark.parametrize("share", [0.0, 0.01, 0.3, 1.0])
+def test_scan_over_rows_matches_reference_on_those_rows(S, share):
+    rng = np.random.default_rng(S + int(share * 100))
+    n, K, k = 500, 256, 10
+    codes = rng.integers(K, size=(n, S)).astype(np.uint8)
+    luts = rng.standard_normal((3, S * K)).astype(np.float32)
+    bias = rng.random(n).astype(np.float32)
+    bias[::9] = np.inf
+    rows = np.flatnonzero(rng.random(n) < share)
+    bd, bi = kernels.scan_topk_batch(codes, rows, True, luts, bias, k)
+    for q in range(3):
+        # the reference scores every row, with the rows outside ``rows`` made +inf
+        masked = np.full(n, np.inf, np.float32)
+        masked[rows] = bias[rows]
+        rd, ri = scan_topk_ref(codes, luts[q], masked, k)
+        d, i = kernels.scan_topk_rows(codes, rows, luts[q], bias, k)
+        np.testing.assert_array_equal(i, ri)
+        np.testing.assert_allclose(d, rd, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(bi[q], ri)
+        assert np.isin(i[i >= 0], rows).all()
 
 
 def test_normal_equations_match_reference():

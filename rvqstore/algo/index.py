@@ -96,7 +96,9 @@ class FlatCodeIndex:
 
     rq : the codec; ids : int64 (n,); codes : uint8 (n, stages); norms : float32 (n,)
     ``||x^||^2``; bias : float32 (n,) added to each row's estimate (the norms for l2, 0
-    otherwise; +inf for deleted rows, which are never returned).
+    otherwise; +inf for deleted rows, which are never returned); rms_error : float, the
+    codes' root mean squared error per dimension (how far an estimate may be off, for
+    :func:`~rvqstore.algo.search.rerank_depths`).
     """
 
     metric: str
@@ -105,6 +107,7 @@ class FlatCodeIndex:
     codes: np.ndarray
     norms: np.ndarray
     bias: np.ndarray = field(default=None)
+    rms_error: float = 0.0
 
     def __post_init__(self):
         self.codes = np.ascontiguousarray(self.codes)
@@ -119,8 +122,11 @@ class FlatCodeIndex:
         return self.ids.nbytes + self.codes.nbytes + self.norms.nbytes + self.bias.nbytes
 
     def search(self, queries, *, k, allow=None):
-        bias = self.bias if allow is None else np.where(allow, self.bias, np.float32(np.inf))
-        res = adc_search(self.rq, self.codes, queries, k=k, metric=self.metric, bias=bias)
+        # under an allow-mask only the passing rows are scanned: a selective filter makes
+        # the scan cheaper, not just its answer shorter
+        rows = None if allow is None else np.flatnonzero(allow)
+        res = adc_search(self.rq, self.codes, queries, k=k, metric=self.metric,
+                         bias=self.bias, rows=rows)
         return _to_store_ids(res, self.ids)
 
     def append(self, ids, codes, norms):
@@ -137,4 +143,4 @@ class FlatCodeIndex:
 
     def truncated(self, n):
         return FlatCodeIndex(self.metric, self.rq, self.ids[:n], self.codes[:n], self.norms[:n],
-                             self.bias[:n].copy())
+                             self.bias[:n].copy(), self.rms_error)

@@ -106,12 +106,14 @@ def _sift_down(hd, hi, k):
 
 
 @njit(nogil=True, inline="always")
-def _scan_core(codes, lut, bias, k, K, S, out_d, out_i):
-    n = codes.shape[0]
+def _scan_core(codes, rows, subset, lut, bias, k, K, S, out_d, out_i):
+    # rows (m,) ascending row numbers scanned when ``subset``; every row otherwise
+    n = rows.shape[0] if subset else codes.shape[0]
     hd = np.full(k, np.inf, dtype=np.float32)
     hi = np.full(k, -1, dtype=np.int64)
     top = np.float32(np.inf)
-    for i in range(n):
+    for j in range(n):
+        i = rows[j] if subset else j
         acc = bias[i]
         for s in range(S):
             acc += lut[s * K + codes[i, s]]
@@ -127,21 +129,25 @@ def _scan_core(codes, lut, bias, k, K, S, out_d, out_i):
 
 
 @njit(cache=True, nogil=True)
-def _scan_one(codes, lut, bias, k, out_d, out_i):
+def _scan_one(codes, rows, subset, lut, bias, k, out_d, out_i):
     S = codes.shape[1]
     # K (and S) as compile-time constants make the table index a shift and let the stage
     # loop unroll: 2x faster scans than the generic loop
     if lut.shape[0] == S * 256:
         if S == 16:
-            _scan_core(codes, lut, bias, k, 256, 16, out_d, out_i)
+            _scan_core(codes, rows, subset, lut, bias, k, 256, 16, out_d, out_i)
         elif S == 8:
-            _scan_core(codes, lut, bias, k, 256, 8, out_d, out_i)
+            _scan_core(codes, rows, subset, lut, bias, k, 256, 8, out_d, out_i)
         elif S == 32:
-            _scan_core(codes, lut, bias, k, 256, 32, out_d, out_i)
+            _scan_core(codes, rows, subset, lut, bias, k, 256, 32, out_d, out_i)
         else:
-            _scan_core(codes, lut, bias, k, 256, S, out_d, out_i)
+            _scan_core(codes, rows, subset, lut, bias, k, 256, S, out_d, out_i)
     else:
-        _scan_core(codes, lut, bias, k, lut.shape[0] // S, S, out_d, out_i)
+        _scan_core(codes, rows, subset, lut, bias, k, lut.shape[0] // S, S, out_d, out_i)
+
+
+ALL_ROWS = np.empty(0, dtype=np.int64)
+"""The ``rows`` argument of a scan over every row (``subset`` False)."""
 
 
 @njit(cache=True, nogil=True)
@@ -162,18 +168,29 @@ def scan_topk(codes, lut, bias, k):
     """
     out_d = np.empty(k, dtype=np.float32)
     out_i = np.empty(k, dtype=np.int64)
-    _scan_one(codes, lut, bias, k, out_d, out_i)
+    _scan_one(codes, ALL_ROWS, False, lut, bias, k, out_d, out_i)
+    return out_d, out_i
+
+
+@njit(cache=True, nogil=True)
+def scan_topk_rows(codes, rows, lut, bias, k):
+    """:func:`scan_topk` over the rows ``rows`` (int64 (m,), ascending) only: a filtered
+    search reads the codes of the rows that pass and no others. Returns row numbers."""
+    out_d = np.empty(k, dtype=np.float32)
+    out_i = np.empty(k, dtype=np.int64)
+    _scan_one(codes, rows, True, lut, bias, k, out_d, out_i)
     return out_d, out_i
 
 
 @njit(cache=True, parallel=True)
-def scan_topk_batch(codes, luts, bias, k):
-    """:func:`scan_topk` for a batch of tables ``luts`` (nq, S*K), queries spread over threads."""
+def scan_topk_batch(codes, rows, subset, luts, bias, k):
+    """:func:`scan_topk` for a batch of tables ``luts`` (nq, S*K), queries spread over
+    threads; over ``rows`` only when ``subset`` (as :func:`scan_topk_rows`)."""
     nq = luts.shape[0]
     out_d = np.empty((nq, k), dtype=np.float32)
     out_i = np.empty((nq, k), dtype=np.int64)
     for q in prange(nq):
-        _scan_one(codes, luts[q], bias, k, out_d[q], out_i[q])
+        _scan_one(codes, rows, subset, luts[q], bias, k, out_d[q], out_i[q])
     return out_d, out_i
 
 
@@ -243,7 +260,7 @@ def scan_topk_split(codes, lut, bias, k, parts):
     for p in prange(parts):
         lo = min(p * step, n)
         hi = min(lo + step, n)
-        _scan_one(codes[lo:hi], lut, bias[lo:hi], k, out_d[p], out_i[p])
+        _scan_one(codes[lo:hi], ALL_ROWS, False, lut, bias[lo:hi], k, out_d[p], out_i[p])
         for j in range(k):
             if out_i[p, j] >= 0:
                 out_i[p, j] += lo

@@ -92,8 +92,8 @@ def exact_search(vectors, queries, *, k, metric="l2", batch=256, vector_norms=No
     return SearchResult(ids, dist)
 
 
-def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None):
-    """k nearest stored rows by ADC estimate.
+def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=None):
+    """k nearest stored rows by ADC estimate (among ``rows`` when given).
 
     Parameters
     ----------
@@ -103,6 +103,8 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None):
     k : int
     bias : float32 (n,) or None. For L2 with a quantizer that needs norms this must be
         ``||x^||^2`` per row; a row set to +inf is never returned (deleted).
+    rows : int64 (m,) ascending row numbers or None. Only these rows are scanned (a
+        filter's passing rows): the scan costs what they cost, not what the store does.
 
     Returns
     -------
@@ -117,22 +119,62 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None):
         bias = np.zeros(n, dtype=np.float32)
     lut, const = quantizer.lut(queries, metric)
     lut = np.ascontiguousarray(lut, dtype=np.float32)
-    if len(queries) == 1:
-        threads = numba.get_num_threads()
-        if n >= SPLIT_ROWS and threads > 1:
-            # a lone query on a large store: split its scan over the threads, merge the tops
-            pd, pi = kernels.scan_topk_split(codes, lut[0], bias, k, threads)
-            pd, pi = pd.reshape(1, -1), pi.reshape(1, -1)
-            top, d = _topk_rows(pd, k)
-            i = np.where(top >= 0, np.take_along_axis(pi, np.maximum(top, 0), axis=1), -1)
-        else:
-            d, i = kernels.scan_topk(codes, lut[0], bias, k)
-            d, i = d[None], i[None]
+    threads = numba.get_num_threads()
+    if rows is not None and len(queries) == 1 and len(rows) >= SPLIT_ROWS and threads > 1:
+        # a lone query over many passing rows: the split scan below, the others masked out
+        masked = np.full(n, np.inf, np.float32)
+        masked[rows] = bias[rows]
+        bias, rows = masked, None
+    subset = rows is not None
+    rows = np.ascontiguousarray(rows, dtype=np.int64) if subset else kernels.ALL_ROWS
+    if len(queries) > 1:
+        d, i = kernels.scan_topk_batch(codes, rows, subset, lut, bias, k)
+    elif subset:
+        d, i = kernels.scan_topk_rows(codes, rows, lut[0], bias, k)
+        d, i = d[None], i[None]
+    elif n >= SPLIT_ROWS and threads > 1:
+        # a lone query on a large store: split its scan over the threads, merge the tops
+        pd, pi = kernels.scan_topk_split(codes, lut[0], bias, k, threads)
+        pd, pi = pd.reshape(1, -1), pi.reshape(1, -1)
+        top, d = _topk_rows(pd, k)
+        i = np.where(top >= 0, np.take_along_axis(pi, np.maximum(top, 0), axis=1), -1)
     else:
-        d, i = kernels.scan_topk_batch(codes, lut, bias, k)
+        d, i = kernels.scan_topk(codes, lut[0], bias, k)
+        d, i = d[None], i[None]
     d = d + const[:, None].astype(np.float32)
     i = np.where(np.isfinite(d), i, -1)
     return SearchResult(i, d)
+
+
+ERROR_Z = 3.0
+"""How many standard deviations of ADC error an adaptive rerank covers (see rerank_depths)."""
+
+
+def rerank_depths(queries, distances, *, k, metric, rms_error, floor):
+    """How many of each query's ADC candidates an adaptive rerank reads.
+
+    A candidate whose estimate exceeds the k-th best estimate by more than the estimates'
+    error can hardly be among the true k nearest; the others are reranked. With ``x^`` the
+    decoded vector and ``r = x - x^`` its residual (per-dimension RMS ``rms_error``, from
+    the codebooks' measured squared error), an estimate is off by ``2 <q - x^, r> - |r|^2``
+    for L2 and ``<q, r>`` for inner products, so the margin is ``ERROR_Z`` standard
+    deviations of that: ``2 z rms sqrt(d_k)`` for L2, ``z rms |q|`` for ip and cosine.
+    Far queries (a filter that keeps only items far from the query) get deeper reranks,
+    near ones shallower.
+
+    queries : float32 (nq, d); distances : float32 (nq, m) ascending ADC estimates
+    (+inf padding); floor : int, the least depth. Returns int64 (nq,) depths <= m.
+    """
+    nq, m = distances.shape
+    kth = distances[:, min(k, m) - 1].astype(np.float64)
+    if metric == "l2":
+        margin = 2.0 * ERROR_Z * rms_error * np.sqrt(np.maximum(kth, 0.0))
+    else:
+        margin = ERROR_Z * rms_error * np.linalg.norm(queries, axis=1)
+    limit = np.where(np.isfinite(kth), kth + margin, np.inf)
+    depth = np.array([np.searchsorted(distances[i], limit[i], side="right")
+                      for i in range(nq)], np.int64)
+    return np.clip(depth, min(floor, m), m)
 
 
 def rerank(queries, candidates, fetch, *, k, metric="l2"):
