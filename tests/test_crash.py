@@ -1,11 +1,15 @@
-"""SIGKILL at random points of add, delete, retrain and compact.
+"""SIGKILL at random points of add, delete, retrain, compact, and of the writes of metadata
+and documents: update, upsert and delete(where=).
 
 A child process runs a fixed, numbered plan of operations on known batches and reports
 each operation's number on its own line once the call has returned. The parent kills it at
-a seeded random moment and checks the exact ids left in the file: every reported operation
-is in, the one in flight is wholly in or wholly out, nothing later is in; and the file
-passes ``PRAGMA integrity_check`` and ``Store.check()``, and its vectors find themselves
-(all of them after a retrain or compact, a sample after adds and deletes).
+a seeded random moment and checks what is left in the file: every reported operation is
+in, the one in flight is wholly in or wholly out, nothing later is in. "What is in" is each
+item's id, key, vector, metadata and document, and the keyword index (``text_search``) and
+the filters (``count(where=)``, filtered search) must agree with exactly that. The file
+passes ``PRAGMA integrity_check``, FTS5's own check of its index against the documents and
+``Store.check()``, and its vectors find themselves (all of them after a retrain or compact,
+a sample after the other operations).
 """
 
 import signal
@@ -40,46 +44,98 @@ def batch_keys(b):
     return [f"b{b}-{j}" for j in range(B)]
 
 
-def batch_vectors(b):
-    """The vectors of batch b, the same in every process (a seeded Gaussian mixture)."""
-    rng = np.random.default_rng([11, b])
+def batch_vectors(b, rev=0):
+    """The vectors of batch b as revision ``rev`` wrote them, the same in every process (a
+    seeded Gaussian mixture)."""
+    rng = np.random.default_rng([11, b, rev])
     lab = rng.integers(len(CENTERS), size=B)
     return (CENTERS[lab] + 0.3 * rng.standard_normal((B, DIM))).astype(np.float32)
 
 
-def step(mode, i):
-    """Operation i of a mode's plan: ("add" | "delete", batch) or ("retrain" | "compact", None).
+def batch_metadata(b, rev):
+    return [{"batch": b, "rev": rev, "j": j} for j in range(B)]
 
-    delete and compact add a fresh batch for each one they delete, so the store keeps its
-    size however long the child runs.
+
+def batch_documents(b, rev):
+    """The documents of batch b as revision ``rev`` wrote them (None: none at all). Their
+    words name the batch and the revision; the last item of a batch has no document."""
+    if rev is None:
+        return [None] * B
+    return [f"b{b} r{rev} item{j}" for j in range(B - 1)] + [None]
+
+
+def step(mode, i):
+    """Operation i of a mode's plan: (kind, batch), or ("retrain" | "compact", None).
+
+    delete, delete_where and compact add a fresh batch for each one they delete, so the
+    store keeps its size however long the child runs; update and upsert go round the base
+    batches (upsert also adds batch BASE + i in the same call).
     """
     if mode == "add":
         return "add", BASE + i
     if mode == "retrain":
         return "retrain", None
-    period = 2 if mode == "delete" else 3
+    if mode in ("update", "upsert"):
+        return mode, i % BASE
+    period = 3 if mode == "compact" else 2
     j, phase = divmod(i, period)
-    return [("delete", j), ("add", BASE + j), ("compact", None)][phase]
+    return [("delete_where" if mode == "delete_where" else "delete", j), ("add", BASE + j),
+            ("compact", None)][phase]
 
 
-def batches_after(mode, n):
-    """The batches in the store once operations 0 .. n-1 of the plan are committed."""
-    present = set(range(BASE))
+def state_after(mode, n):
+    """What the store holds once operations 0 .. n-1 of the plan are committed:
+    {batch: (vectors' revision, metadata's revision, documents' revision or None)}.
+
+    Operation i writes revision i + 1; adds write revision 0 (their batches are new).
+    """
+    state = {b: (0, 0, 0) for b in range(BASE)}
     for i in range(n):
         kind, b = step(mode, i)
+        rev = i + 1
         if kind == "add":
-            present.add(b)
-        elif kind == "delete":
-            present.remove(b)
-    return present
+            state[b] = (0, 0, 0)
+        elif kind in ("delete", "delete_where"):
+            del state[b]
+        elif kind == "update":  # both, then the documents alone, then the metadata alone
+            v, m, d = state[b]
+            state[b] = (v, m if i % 3 == 1 else rev, d if i % 3 == 2 else rev)
+        elif kind == "upsert":  # every other one leaves the documents out, which clears them
+            state[b] = state[BASE + i] = (rev, rev, rev if i % 2 == 0 else None)
+    return state
+
+
+def touched(mode, i):
+    """The batches operation i writes."""
+    kind, b = step(mode, i)
+    return [] if b is None else [b, BASE + i] if kind == "upsert" else [b]
 
 
 def run(store, mode, i, progress=None):
     kind, b = step(mode, i)
+    rev = i + 1
     if kind == "add":
-        store.add(batch_vectors(b), ids=batch_ids(b), keys=batch_keys(b))
+        store.add(batch_vectors(b), ids=batch_ids(b), keys=batch_keys(b),
+                  metadata=batch_metadata(b, 0), documents=batch_documents(b, 0))
     elif kind == "delete":
         store.delete(batch_ids(b))
+    elif kind == "delete_where":
+        store.delete(where={"batch": b})
+    elif kind == "update":
+        who = {"ids": batch_ids(b)} if i % 2 == 0 else {"keys": batch_keys(b)}
+        new = {"metadata": batch_metadata(b, rev), "documents": batch_documents(b, rev)}
+        new.pop({1: "metadata", 2: "documents"}.get(i % 3), None)
+        store.update(**who, **new)
+    elif kind == "upsert":
+        both = (b, BASE + i)
+        ids = store.upsert(
+            np.concatenate([batch_vectors(c, rev) for c in both]),
+            keys=[k for c in both for k in batch_keys(c)],
+            metadata=[m for c in both for m in batch_metadata(c, rev)],
+            documents=[d for c in both for d in batch_documents(c, rev)] if i % 2 == 0 else None)
+        want = np.concatenate([batch_ids(c) for c in both])
+        if not np.array_equal(ids, want):  # the plan's ids would no longer hold
+            raise RuntimeError(f"upsert {i} gave ids {ids.tolist()}, expected {want.tolist()}")
     elif kind == "retrain":
         store.retrain(progress=progress)
     else:
@@ -116,7 +172,8 @@ CHILD = textwrap.dedent("""
         i += 1
 """)
 
-SEEDS = {"add": 1, "delete": 2, "retrain": 3, "compact": 4}
+MODES = ["add", "delete", "retrain", "compact", "update", "upsert", "delete_where"]
+SEEDS = dict(zip(MODES, range(1, len(MODES) + 1)))
 
 
 def kill_plan(mode, rng, kill):
@@ -125,11 +182,11 @@ def kill_plan(mode, rng, kill):
 
     The first kill comes at a random delay, the second at a random delay after the first
     committed operation; the others wait for a random point of the work that commits: the
-    start of an add or delete (each takes about a millisecond), the encoding of a
-    retrain's blocks (one transaction each; most of a retrain is training) or a
+    start of an add, delete, update or upsert (each takes a few milliseconds), the encoding
+    of a retrain's blocks (one transaction each; most of a retrain is training) or a
     compaction's rewrite (most of a compaction is VACUUM).
     """
-    short = mode in ("add", "delete")
+    short = mode not in ("retrain", "compact")
     if kill == 0:
         return "ready", 0, rng.uniform(0.0, 0.08 if short else 0.3)
     if kill == 1 or (short and kill % 2):
@@ -145,7 +202,8 @@ def make_store(path):
     with Store.open(path, dim=DIM, stages=STAGES, codebook_size=CODEBOOK, block_size=BLOCK,
                     train_sample=TRAIN_SAMPLE) as s:
         for b in range(BASE):
-            s.add(batch_vectors(b), ids=batch_ids(b), keys=batch_keys(b))
+            s.add(batch_vectors(b), ids=batch_ids(b), keys=batch_keys(b),
+                  metadata=batch_metadata(b, 0), documents=batch_documents(b, 0))
         s.train()
 
 
@@ -193,6 +251,49 @@ def self_search(store, ids):
     assert len(lost) == 0, f"{len(lost)} stored vectors do not find themselves: {lost[:10]}"
 
 
+def contents(state):
+    """(ids, keys, vectors, metadata, documents) of a state, in id order."""
+    bs = sorted(state)
+    if not bs:
+        return np.empty(0, np.int64), [], np.empty((0, DIM), np.float32), [], []
+    return (np.concatenate([batch_ids(b) for b in bs]), [k for b in bs for k in batch_keys(b)],
+            np.concatenate([batch_vectors(b, state[b][0]) for b in bs]),
+            [m for b in bs for m in batch_metadata(b, state[b][1])],
+            [d for b in bs for d in batch_documents(b, state[b][2])])
+
+
+def differences(got, state):
+    """The batches where ``got`` (as :func:`contents` lays it out) differs from ``state``,
+    with the parts that differ."""
+    want = contents(state)
+    if not np.array_equal(got[0], want[0]):
+        return {"batches": sorted(set((got[0] // B).tolist()) ^ set(state))}
+    out = {}
+    for n, b in enumerate(sorted(state)):
+        rows = slice(n * B, (n + 1) * B)
+        parts = [name for name, g, w in zip(("keys", "vectors", "metadata", "documents"),
+                                            got[1:], want[1:])
+                 if not np.array_equal(np.asarray(g[rows], dtype=object),
+                                       np.asarray(w[rows], dtype=object))]
+        if parts:
+            out[b] = parts
+    return out
+
+
+def fts_integrity_check(path):
+    """FTS5's own check of its index structures. (Its comparison with the content table,
+    rank 1, does not apply: the store indexes only the rows that have a document, and
+    that check expects every row of rvq_vectors. The text_search checks below compare the
+    index with the documents instead.)"""
+    con = sqlite3.connect(path)
+    try:
+        con.execute("INSERT INTO rvq_documents_fts (rvq_documents_fts) VALUES ('integrity-check')")
+    except sqlite3.DatabaseError as exc:
+        raise AssertionError(f"the keyword index is damaged: {exc}") from None
+    finally:
+        con.close()  # the check writes nothing; closing rolls its transaction back
+
+
 def check_after_kill(path, mode, done, rng):
     """Check the file after a kill that came with operations < ``done`` reported.
 
@@ -201,6 +302,7 @@ def check_after_kill(path, mode, done, rng):
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
+    fts_integrity_check(path)
     with Store.open(path, readonly=True) as r:  # as a reader finds it, stale build or not
         version = r.info()["codebook_version"]
         ids = r.ids()
@@ -212,26 +314,49 @@ def check_after_kill(path, mode, done, rng):
         per_batch = Counter((ids // B).tolist())
         partial = {b: n for b, n in per_batch.items() if n != B}
         assert not partial, f"batches only partly in the store (batch: ids of {B}): {partial}"
-        have = sorted(per_batch)
-        without, with_it = sorted(batches_after(mode, done)), sorted(batches_after(mode, done + 1))
-        assert have in (without, with_it), (
-            f"after {done} operations of {mode}: batches {have}, expected {without} "
-            f"or {with_it}")
-        assert s.keys(ids) == [k for b in have for k in batch_keys(b)]
-        assert np.array_equal(s.get(ids), np.concatenate([batch_vectors(b) for b in have]))
+        got = (ids, s.keys(ids), s.get(ids), s.metadata(ids), s.documents(ids))
+        without, with_it = state_after(mode, done), state_after(mode, done + 1)
+        if not differences(got, with_it):
+            state = with_it
+        else:
+            assert not differences(got, without), (
+                f"after {done} operations of {mode} the store matches neither state: "
+                f"against {done} operations {differences(got, without)}, against "
+                f"{done + 1} {differences(got, with_it)}")
+            state = without
+        metas, docs = got[3], got[4]
+        # the keyword index: each revision's word finds exactly the documents holding it
+        # now (a stale entry of an updated, replaced or deleted item would show up too)
+        for rev in range(done + 2):
+            found = s.text_search(f"r{rev}", k=len(ids) + 4 * B).ids
+            want = [i for i, d in zip(ids.tolist(), docs) if d and f" r{rev} " in d]
+            assert sorted(found[found >= 0].tolist()) == want, f"text_search('r{rev}')"
+        # the filters: built from the metadata stored now
+        for rev in sorted({m["rev"] for m in metas}):
+            assert s.count({"rev": rev}) == sum(m["rev"] == rev for m in metas), rev
+        recent = [b for i in (done - 1, done) if i >= 0 for b in touched(mode, i)
+                  if b in state]
+        for b in recent:
+            res = s.search(batch_vectors(b, state[b][0])[0], k=2 * B, where={"batch": b})
+            assert sorted(res.ids[res.ids >= 0].tolist()) == batch_ids(b).tolist(), b
+            hits = s.text_search(f"b{b}", k=2 * B, where={"rev": state[b][1]}).ids
+            want = batch_ids(b)[:-1].tolist() if state[b][2] is not None else []
+            assert sorted(hits[hits >= 0].tolist()) == want, b
+        have = sorted(state)
         if mode in ("retrain", "compact"):
             self_search(s, ids)  # every code was rewritten: check them all
         else:
-            self_search(s, np.concatenate([rng.choice(ids, 100, replace=False),
-                                           batch_ids(have[-1])]))
+            self_search(s, np.unique(np.concatenate(
+                [rng.choice(ids, 100, replace=False), batch_ids(have[-1])]
+                + [batch_ids(b) for b in recent])))
     con = sqlite3.connect(path)
     versions = con.execute("SELECT version, state FROM rvq_codebooks").fetchall()
     con.close()
     assert versions == [(version, "active")]
-    return have == with_it, version
+    return state == with_it, version
 
 
-@pytest.mark.parametrize("mode", ["add", "delete", "retrain", "compact"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sigkill_keeps_exactly_the_committed_batches(tmp_path, mode):
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent)))
