@@ -35,6 +35,8 @@ class Snapshot:
     index : ExactIndex or FlatCodeIndex
     columns : the metadata of the index's rows as typed columns, built by the first
         filtered search (None until then)
+    metadata_epoch : int, the file's ``metadata_epoch`` (bumped by writes that change
+        stored rows' metadata) when ``columns`` were read
     """
 
     version: int
@@ -43,21 +45,26 @@ class Snapshot:
     nblocks: int
     index: Union[ExactIndex, FlatCodeIndex]
     columns: Optional[Columns] = None
+    metadata_epoch: int = 0
 
 
 def load(db, config: Config, old):
     """The snapshot as of now, reusing ``old`` where it still holds (call inside ``db.read()``).
 
     Appends by others only touch the last code block and new ones, so a refresh reads
-    just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``).
+    just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``). The
+    metadata columns are extended the same way (with the metadata of the rows re-read)
+    unless stored rows' metadata changed (``metadata_epoch``).
     """
     meta = db.meta()
     version = meta_int(meta, "active_version", db.path)
     epoch = meta_int(meta, "blocks_epoch", db.path)
+    meta_epoch = meta_int(meta, "metadata_epoch", db.path)
     count = db.count()
     if not version:
         ids, vecs = load_all_originals(db, config)
-        return Snapshot(0, epoch, count, 0, ExactIndex(config.metric, ids, vecs))
+        return Snapshot(0, epoch, count, 0, ExactIndex(config.metric, ids, vecs),
+                        metadata_epoch=meta_epoch)
     if old is not None and old.version == version and old.epoch == epoch:
         first = max(old.nblocks - 1, 0)
         kept = old.index.truncated(first * config.block_size)
@@ -74,7 +81,15 @@ def load(db, config: Config, old):
     if len(kept.ids) != count + len(dead):
         raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
                            f"store {count} and {len(dead)} deleted: the file is corrupted")
-    return Snapshot(version, epoch, count, first + nread, kept)
+    cols = None
+    if first and old.columns is not None and old.metadata_epoch == meta_epoch:
+        start = first * config.block_size
+        new = kept.ids[start:]
+        stored = {i: parse_metadata(t, db.path, i) for i, t in
+                  db.metadata_for_ids(new.tolist()).items()}
+        cols = old.columns.taken(np.arange(start)).extended(
+            [stored.get(i) for i in new.tolist()])
+    return Snapshot(version, epoch, count, first + nread, kept, cols, meta_epoch)
 
 
 def columns(db, snap):
@@ -82,8 +97,10 @@ def columns(db, snap):
     (deleted rows and rows without metadata have none)."""
     if snap.columns is None:
         with db.read():
+            epoch = meta_int(db.meta(), "metadata_epoch", db.path)
             stored = {i: parse_metadata(t, db.path, i) for i, t in db.all_metadata()}
         snap.columns = Columns.from_dicts([stored.get(i) for i in snap.index.ids.tolist()])
+        snap.metadata_epoch = epoch
     return snap.columns
 
 

@@ -96,6 +96,7 @@ def upsert(db, config, x, keys, *, metas, docs, snap, codecs, progress):
         old = [found[k] for k in keys if k in found]
         if old:
             db.delete_vectors(old)
+            bump_metadata_epoch(db)
             if meta_int(meta, "active_version"):
                 db.add_tombstones(old)  # their codes go when the ids come back below
         next_id = meta_int(meta, "next_id", db.path)
@@ -120,9 +121,17 @@ def update(db, ids, keys, *, metas, docs):
                                     f"for {n} items")
         if metas is not None:
             db.set_metadata(ids.tolist(), metas)
+            bump_metadata_epoch(db)
         if docs is not None:
             db.set_documents(ids.tolist(), docs)
     return ids
+
+
+def bump_metadata_epoch(db):
+    """Tell readers that stored rows' metadata changed (inside ``db.write()``): their
+    in-memory columns cannot be extended, only rebuilt (see ``_snapshot.load``)."""
+    epoch = meta_int(db.meta(), "metadata_epoch", db.path)
+    db.set_meta(metadata_epoch=(epoch + 1) % MAX_META_INT)
 
 
 def insert(db, config, meta, x, ids, keys, *, snap, codecs, progress, metas=None, docs=None):

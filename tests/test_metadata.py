@@ -262,3 +262,32 @@ def test_hybrid_search_fuses_the_vector_and_keyword_rankings(docs_store):
         s.search(x[:2], k=3, text="zebra")
     with pytest.raises(InvalidInputError, match="no words"):
         s.text_search("  !! ", k=3)
+
+
+def test_readers_extend_their_columns_with_others_appends_and_rebuild_on_updates(
+        tmp_path, monkeypatch):
+    from rvqstore import filters
+
+    x = clustered(1200, DIM, centers=5, seed=31)
+    metas = [{"n": i} for i in range(1200)]
+    path = tmp_path / "e.db"
+    with Store.open(path, dim=DIM, stages=2, codebook_size=16, block_size=256) as w:
+        w.add(x[:1000], metadata=metas[:1000])
+        w.train()
+        r = Store.open(path)
+        assert r.count({"n": {"$gte": 900}}) == 100  # builds the reader's columns
+        builds = []
+        real = filters.Columns.from_dicts.__func__
+        monkeypatch.setattr(filters.Columns, "from_dicts",
+                            classmethod(lambda cls, m: builds.append(len(m)) or real(cls, m)))
+        w.add(x[1000:], metadata=metas[1000:])
+        # the reader extends its columns by the rows it re-reads, not from scratch
+        assert r.count({"n": {"$gte": 900}}) == 300 and builds == []
+        assert set(r.search(x[1100], k=3, where={"n": {"$gte": 1100}}).ids) <= \
+            set(range(1100, 1200))
+        w.update([5], metadata=[{"n": 5000}])
+        # a changed row cannot be patched in: the next filtered search rebuilds
+        assert r.count({"n": {"$gte": 900}}) == 301 and builds == [1200]
+        w.add(x[:10], metadata=[{"n": 7000}] * 10)
+        assert r.count({"n": {"$gte": 7000}}) == 10 and builds == [1200]
+        r.close()
