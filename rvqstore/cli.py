@@ -472,7 +472,8 @@ def retrain(db, quiet):
 @click.option("-k", "k", type=int, default=10, metavar="K", show_default=True,
               help="Results per query.")
 @click.option("--rerank", type=int, metavar="N",
-              help="Rerank k x N candidates exactly; 1: codes alone [default: 10].")
+              help="Rerank k x N candidates exactly; 1: codes alone [default: as deep as the "
+                   "codes' error requires].")
 @click.option("--exclude-self", is_flag=True,
               help="With --key or --id: leave the item itself out of its results.")
 @_where("Only items whose metadata passes this filter, a JSON object such as "
