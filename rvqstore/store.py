@@ -632,10 +632,14 @@ class Store:
         """(keys, metadata, documents) of the result ids (nq, k), each laid out like them,
         or None where not asked for."""
         db = self._db
+        if not (with_keys or with_metadata or with_documents):
+            return None, None, None
         found = np.unique(ids[ids >= 0]).tolist()
-        return (_rows_of(ids, db.keys_for_ids(found)) if with_keys else None,
-                _rows_of(ids, _config.stored_metadata(db, found)) if with_metadata else None,
-                _rows_of(ids, _config.stored_documents(db, found)) if with_documents else None)
+        with db.read():  # all three as of one commit
+            return (_rows_of(ids, db.keys_for_ids(found)) if with_keys else None,
+                    _rows_of(ids, _config.stored_metadata(db, found)) if with_metadata else None,
+                    _rows_of(ids, _config.stored_documents(db, found)) if with_documents
+                    else None)
 
     def _exact_among(self, q, ids, k):
         """Exact top k of each query among the stored vectors ``ids`` (the filtered plan)."""

@@ -397,15 +397,17 @@ class Database:
 
     def fetch_concat(self, ids):
         """The originals of sorted, unique ``ids`` as one concatenated BLOB, or None when
-        some are missing. One row out of SQLite instead of one per vector: the rerank path."""
-        sql = ("SELECT CAST(group_concat(vector, x'') AS BLOB), count(vector) FROM ("
-               "SELECT vector FROM rvq_vectors WHERE id IN ({}) ORDER BY id)")
+        some are missing: the rerank path. (Joining the rows here costs less than SQLite's
+        group_concat, which regrows its result per row: ~25% at 200 candidates.)"""
+        sql = "SELECT vector FROM rvq_vectors WHERE id IN ({}) ORDER BY id"
         try:
-            blob, n = self._originals_conn().execute(
-                sql.format(",".join("?" * len(ids))), ids).fetchone()
+            rows = self._originals_conn().execute(
+                sql.format(",".join("?" * len(ids))), ids).fetchall()
         except sqlite3.DatabaseError as exc:
             raise classify(exc, self.path, self.timeout) from exc
-        return blob if n == len(ids) else None
+        if len(rows) != len(ids) or any(type(r[0]) is not bytes for r in rows):
+            return None
+        return b"".join([r[0] for r in rows])
 
     def delete_vectors(self, ids):
         self._unindex_documents(ids)
