@@ -21,7 +21,7 @@ from .algo.validate import METRICS, as_matrix
 from .errors import (BadFileError, ConfigMismatchError, DuplicateError, InvalidInputError,
                      OriginalsMissingError,
                      RvqstoreError, UnknownIdError)
-from .filters import validate_metadata
+from .filters import is_plain_metadata, validate_metadata
 from .storage import ORIGINAL_FORMATS, Database, unpack_originals
 
 MAX_DIM = 65536
@@ -270,7 +270,8 @@ def parse_metadata(text, path, i):
     """A stored metadata text as a dict that passes :func:`validate_metadata` (the file is
     input); anything else is a ``BadFileError``."""
     try:
-        return validate_metadata(json.loads(text))
+        meta = json.loads(text)
+        return meta if is_plain_metadata(meta) else validate_metadata(meta)
     except (TypeError, ValueError, RecursionError):  # InvalidInputError is a ValueError
         raise BadFileError(f"{path}: the metadata of id {i} is not a valid metadata object: "
                            "the file is corrupted") from None

@@ -201,6 +201,45 @@ def validate_metadata(meta: Any) -> Optional[dict]:
     return out
 
 
+def _plain_scalar(x):
+    """True when ``x`` (a value JSON decoding gave) is a scalar validate_metadata keeps as it
+    is: the common case, checked without building anything."""
+    t = type(x)
+    if t is str:
+        return x.isascii() or _scalar_ok(x)
+    if t is int:
+        return _INT_MIN <= x <= _INT_MAX
+    if t is float:
+        return math.isfinite(x)
+    return x is None or t is bool
+
+
+def _scalar_ok(x):
+    try:
+        _scalar(x)
+    except ValueError:
+        return False
+    return True
+
+
+def is_plain_metadata(meta: Any) -> bool:
+    """True when ``meta`` (decoded JSON) is a dict that :func:`validate_metadata` would return
+    unchanged: lets stored metadata, read back by the thousand, skip the full check (and
+    its copy). False says nothing: run :func:`validate_metadata` for the verdict."""
+    if type(meta) is not dict:
+        return False
+    for k, v in meta.items():
+        if not (type(k) is str and k and len(k) <= MAX_KEY_LENGTH and k.isascii()
+                and "\x00" not in k and k[0] != "$"):
+            return False
+        if type(v) is list:
+            if not all(_plain_scalar(e) for e in v):
+                return False
+        elif not _plain_scalar(v):
+            return False
+    return True
+
+
 def _list_element(e):
     if isinstance(e, (list, tuple, dict)):
         raise ValueError(f"a list may hold only scalars, not a {type(e).__name__}")

@@ -435,3 +435,22 @@ def test_from_dicts_names_the_bad_row():
         Columns.from_dicts([[1]])
     with pytest.raises(InvalidInputError, match=r"row 2.*int64"):
         Columns.from_dicts([None, {}, {"a": [2**64]}])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+    st.text(max_size=5), st.lists(st.one_of(st.integers(), st.text(max_size=3), st.lists(st.none())),
+                                  max_size=3)), max_size=4))
+def test_plain_metadata_shortcut_agrees_with_the_full_check(meta):
+    # is_plain_metadata may only say yes where validate_metadata accepts the dict unchanged
+    from rvqstore.filters import is_plain_metadata
+    try:
+        checked = validate_metadata(meta)
+    except InvalidInputError:
+        checked = None
+    if is_plain_metadata(meta):
+        assert checked == meta
+    assert is_plain_metadata({"a": 1, "b": ["x", 2.5, None], "c": True})
+    assert not is_plain_metadata({"$a": 1}) and not is_plain_metadata({"a": float("nan")})
+    assert not is_plain_metadata({"a": [[1]]}) and not is_plain_metadata({"a": 2**63})
