@@ -443,9 +443,12 @@ HALF_SEEN = ("Store bug: search() and text_search() read their ranking (and coun
              "filter, or one update() shows its old metadata with its new documents")
 
 
+# not strict: whether a commit lands inside a reader's call is a race that a run can miss
+# (about one run in ten); test_a_commit_between_ranking_and_results_is_not_seen is the
+# deterministic form
 @pytest.mark.parametrize("reader", [
     "read_meta_reads",
-    pytest.param("read_meta_results", marks=pytest.mark.xfail(strict=True, reason=HALF_SEEN))])
+    pytest.param("read_meta_results", marks=pytest.mark.xfail(strict=False, reason=HALF_SEEN))])
 def test_readers_see_whole_metadata_updates_upserts_and_deletes_by_filter(tmp_path, reader):
     """A reader sees the writer's update(), upsert() and delete(where=) once they commit,
     and never half of one: through ids(), keyword searches and metadata()/documents() (one
@@ -481,3 +484,35 @@ def test_readers_see_whole_metadata_updates_upserts_and_deletes_by_filter(tmp_pa
             seen, checked = observe(s, what)
             assert checked == (what == "filtered"), what
             assert all(value == views(all_states[-1])[view] for view, value in seen), what
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=HALF_SEEN)
+def test_a_commit_between_ranking_and_results_is_not_seen(tmp_path, monkeypatch):
+    """The race of the RESULTS readers made certain: another connection commits an
+    update() and a delete(where=) after the reader's filtered search has ranked and before
+    it reads its results' metadata and documents (``Store._extras``, the seam between the
+    two). The result must show the state before both commits, or the state after."""
+    path = tmp_path / "h.db"
+    before = {0: (0, 0, 0), 1: (0, 0, 0)}
+    with Store.open(path, dim=DIM) as writer, Store.open(path, readonly=True) as reader:
+        writer.add(np.concatenate([batch_vectors(b) for b in before]),
+                   ids=np.concatenate([batch_ids(b) for b in before]),
+                   metadata=[m for b in before for m in batch_metadata(b, 0)],
+                   documents=[d for b in before for d in batch_documents(b, 0)])
+        extras = Store._extras
+
+        def commit_first(store, *args):
+            if store is reader:
+                writer.update(batch_ids(0), metadata=batch_metadata(0, 1),
+                              documents=batch_documents(0, 1))
+                writer.delete(where={"batch": 1})
+            return extras(store, *args)
+
+        monkeypatch.setattr(Store, "_extras", commit_first)
+        res = reader.search(batch_vectors(0)[0], k=KMAX, where={"rev": 0},
+                            with_metadata=True, with_documents=True)
+        monkeypatch.undo()
+        # after both commits nothing has revision 0
+        assert writer.count({"rev": 0}) == 0 and reader.count({"rev": 0}) == 0
+    seen = _items(res.ids, res.metadata, res.documents)
+    assert seen in (views(before)["search"], frozenset()), sorted(seen)[:3]
