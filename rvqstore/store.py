@@ -420,14 +420,35 @@ class Store:
             blobs = db.fetch_vectors(ids.tolist())
         return self._unpack([blobs[i] for i in ids.tolist()], ids.tolist())
 
-    def iter(self, *, batch_size=8192):
+    def iter(self, *, batch_size=8192, with_metadata=False, with_documents=False):
         """Yield ``(ids int64 (m,), keys list, vectors float32 (m, dim))`` over the whole
-        store in id order, ``batch_size`` at a time (the originals; for export)."""
+        store in id order, ``batch_size`` at a time (the originals; for export), followed
+        in each tuple by the metadata list and/or the documents list when asked for.
+
+        Each batch is read as of one commit (its keys, vectors, metadata and documents
+        agree); no transaction is held between batches, so the caller may write meanwhile,
+        and a batch may see commits made since the one before (ids only grow: nothing is
+        repeated).
+        """
         db = self._live()
         with translate_errors(db.path, db.timeout):
-            for ids, blobs in db.iter_vectors(batch=batch_size):
-                found = db.keys_for_ids(ids)
-                yield (np.asarray(ids, np.int64), [found.get(i) for i in ids], self._unpack(blobs, ids))
+            batches = db.iter_vectors(batch=batch_size)
+            while True:
+                with db.read():
+                    batch = next(batches, None)
+                    if batch is None:
+                        return
+                    ids, blobs = batch
+                    found = db.keys_for_ids(ids)
+                    out = (np.asarray(ids, np.int64), [found.get(i) for i in ids],
+                           self._unpack(blobs, ids))
+                    if with_metadata:
+                        metas = _config.stored_metadata(db, ids)
+                        out += ([metas.get(i) for i in ids],)
+                    if with_documents:
+                        docs = _config.stored_documents(db, ids)
+                        out += ([docs.get(i) for i in ids],)
+                yield out
 
     @_translated
     def ids(self):

@@ -291,3 +291,20 @@ def test_readers_extend_their_columns_with_others_appends_and_rebuild_on_updates
         w.add(x[:10], metadata=[{"n": 7000}] * 10)
         assert r.count({"n": {"$gte": 7000}}) == 10 and builds == [1200]
         r.close()
+
+
+def test_iter_carries_metadata_and_documents_and_lets_the_caller_write(items):
+    s, x, metas = items
+    got_ids, got_meta, got_docs = [], [], []
+    for ids, keys, vecs, m, d in s.iter(batch_size=700, with_metadata=True,
+                                         with_documents=True):
+        np.testing.assert_array_equal(vecs, x[ids])
+        got_ids += ids.tolist()
+        got_meta += m
+        got_docs += d
+        s.delete(ids[:1])  # no transaction is held between batches
+    assert got_ids == list(range(N))
+    assert got_meta == metas and got_docs == [f"doc {i}" for i in range(N)]
+    assert len(s) == N - len(range(0, N, 700))
+    ids, keys, vecs, docs = next(s.iter(batch_size=5, with_documents=True))
+    assert docs == [f"doc {i}" for i in ids]
