@@ -537,7 +537,7 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, text
 @_db
 @click.argument("text")
 @click.option("-k", "k", type=int, default=10, metavar="K", show_default=True,
-              help="Results.")
+              help="How many results.")
 @_where("Only items whose metadata passes this filter, a JSON object such as "
         '\'{"year": {"$gte": 2024}}\'.')
 @_with_extras
