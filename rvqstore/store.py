@@ -550,44 +550,46 @@ class Store:
         fts = None if text is None else _text_query(text)
         if fts is not None and len(q) != 1:
             raise InvalidInputError(f"text= (hybrid search) takes one query vector, got {len(q)}")
-        snap = self._current()
-        if snap.count == 0:
-            raise EmptyStoreError(f"{db.path} holds no vectors")
-        index = snap.index
-        allow = None if ex is None else ~np.isin(index.ids, ex)
-        if flt is not None:
-            passing = flt.mask(_snapshot.columns(db, snap))
-            allow = passing if allow is None else allow & passing
-        kq = k if fts is None else max(k, HYBRID_DEPTH)  # hybrid: rank deeper, then fuse
-        if snap.version and allow is not None and self.config.keep_originals and \
-                int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * kq * rerank:
-            # few rows pass: their exact distances cost less than a scan, and are exact
-            self._plans["exact"] += 1
-            among = index.ids[allow & index.live()]
-            self._plans["originals_read"] += len(among)
-            res = self._exact_among(q, among, kq)
-        elif not snap.version:
-            self._plans["exact"] += 1
-            res = index.search(q, k=kq, allow=allow)
-        else:
-            self._plans["scan"] += 1
-            depth = kq * (AUTO_RERANK[1] if adaptive else rerank)
-            # more candidates than rows would only allocate padding
-            res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow)
-            if adaptive:
-                depths = algo.search.rerank_depths(q, res.distances, k=kq, metric=self.metric,
-                                                   rms_error=index.rms_error,
-                                                   floor=kq * AUTO_RERANK[0])
-                cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
-                res = SearchResult(np.where(cut, -1, res.ids), res.distances)
-            if rerank > 1 or adaptive:
-                self._plans["originals_read"] += int(np.count_nonzero(res.ids >= 0))
-                res = algo.rerank(q, res.ids, self._fetch, k=kq, metric=self.metric)
+        # the ranking and the results' keys, metadata and documents as of one commit
+        with db.read():
+            snap = self._current()
+            if snap.count == 0:
+                raise EmptyStoreError(f"{db.path} holds no vectors")
+            index = snap.index
+            allow = None if ex is None else ~np.isin(index.ids, ex)
+            if flt is not None:
+                passing = flt.mask(_snapshot.columns(db, snap))
+                allow = passing if allow is None else allow & passing
+            kq = k if fts is None else max(k, HYBRID_DEPTH)  # hybrid: rank deeper, then fuse
+            if snap.version and allow is not None and self.config.keep_originals and \
+                    int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * kq * rerank:
+                # few rows pass: their exact distances cost less than a scan, and are exact
+                self._plans["exact"] += 1
+                among = index.ids[allow & index.live()]
+                self._plans["originals_read"] += len(among)
+                res = self._exact_among(q, among, kq)
+            elif not snap.version:
+                self._plans["exact"] += 1
+                res = index.search(q, k=kq, allow=allow)
             else:
-                res = _padded(res, kq)
-        if fts is not None:
-            res = self._fused(q, res, fts, k, allow)
-        keys, metas, docs = self._extras(res.ids, with_keys, with_metadata, with_documents)
+                self._plans["scan"] += 1
+                depth = kq * (AUTO_RERANK[1] if adaptive else rerank)
+                # more candidates than rows would only allocate padding
+                res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow)
+                if adaptive:
+                    depths = algo.search.rerank_depths(q, res.distances, k=kq, metric=self.metric,
+                                                       rms_error=index.rms_error,
+                                                       floor=kq * AUTO_RERANK[0])
+                    cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
+                    res = SearchResult(np.where(cut, -1, res.ids), res.distances)
+                if rerank > 1 or adaptive:
+                    self._plans["originals_read"] += int(np.count_nonzero(res.ids >= 0))
+                    res = algo.rerank(q, res.ids, self._fetch, k=kq, metric=self.metric)
+                else:
+                    res = _padded(res, kq)
+            if fts is not None:
+                res = self._fused(q, res, fts, k, allow)
+            keys, metas, docs = self._extras(res.ids, with_keys, with_metadata, with_documents)
         if single:
             first = lambda rows: None if rows is None else rows[0]  # noqa: E731
             return SearchResult(res.ids[0], res.distances[0], first(keys), first(metas),
@@ -637,16 +639,17 @@ class Store:
         db = self._live()
         fts = _text_query(text)
         k = check_k(k)
-        if where is not None:
-            passing = set(self._matching_ids(where).tolist())
-            rows = [(i, sc) for i, sc in db.text_matches(fts) if i in passing][:k]
-        else:
-            rows = db.text_matches(fts, k)
-        ids = np.full(k, -1, np.int64)
-        dist = np.full(k, np.inf, np.float32)
-        if rows:
-            ids[:len(rows)], dist[:len(rows)] = zip(*rows)
-        extras = self._extras(ids[None], with_keys, with_metadata, with_documents)
+        with db.read():  # the ranking and the results as of one commit
+            if where is not None:
+                passing = set(self._matching_ids(where).tolist())
+                rows = [(i, sc) for i, sc in db.text_matches(fts) if i in passing][:k]
+            else:
+                rows = db.text_matches(fts, k)
+            ids = np.full(k, -1, np.int64)
+            dist = np.full(k, np.inf, np.float32)
+            if rows:
+                ids[:len(rows)], dist[:len(rows)] = zip(*rows)
+            extras = self._extras(ids[None], with_keys, with_metadata, with_documents)
         return SearchResult(ids, dist, *(None if e is None else e[0] for e in extras))
 
     def _extras(self, ids, with_keys, with_metadata, with_documents):
@@ -678,9 +681,10 @@ class Store:
     def _matching_ids(self, where):
         """Ids of the live items that pass ``where``, ascending."""
         flt = Filter.parse(where)
-        snap = self._current()
-        index = snap.index
-        passing = flt.mask(_snapshot.columns(self._db, snap)) & index.live()
+        with self._db.read():  # the snapshot and its metadata columns as of one commit
+            snap = self._current()
+            index = snap.index
+            passing = flt.mask(_snapshot.columns(self._db, snap)) & index.live()
         return np.sort(index.ids[passing])
 
     @_translated
