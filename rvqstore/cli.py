@@ -679,8 +679,8 @@ def export(db, output, fmt, batch_size):
     if fmt == "npy" and output == "-":
         raise click.UsageError("--format npy needs -o FILE")
     with _open(db, readonly=True) as store:
-        batches = store.iter(batch_size=batch_size)
         if fmt == "npy":
+            batches = store.iter(batch_size=batch_size)
             parts = [vecs for _, _, vecs in batches] or [np.empty((0, store.dim), np.float32)]
             with _output_file(output, "wb") as f:
                 np.save(f, np.concatenate(parts))
@@ -692,10 +692,10 @@ def export(db, output, fmt, batch_size):
             if writer:
                 writer.writerow(["id", "key", *long]
                                 + [f"v{i}" for i in range(store.dim or 0)])
-            for ids, keys, vecs in batches:
+            # each batch's keys, vectors, metadata and documents as of one commit
+            batches = store.iter(batch_size=batch_size, with_metadata=True, with_documents=True)
+            for ids, keys, vecs, metas, docs in batches:
                 text = vecs.astype(str)
-                metas = store.metadata(ids) if long else [None] * len(ids)
-                docs = store.documents(ids) if long else [None] * len(ids)
                 for i, key, vec, meta, doc in zip(ids.tolist(), keys, text, metas, docs):
                     if writer:
                         extra = {"metadata": "" if meta is None else
