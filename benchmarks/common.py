@@ -83,26 +83,40 @@ def qps_single(search_one, queries, repeats=3):
     return len(queries) / median_time(loop, repeats)
 
 
-def single_runs(searches, queries, gt, repeats=3):
-    """{name: (10-recall@10, QPS single)} for each ``search_one`` in ``searches`` (a dict),
-    each mapping a (1, d) query to (1, 10) ids.
+def interleaved_runs(searches, n, repeats=3):
+    """The timing protocol of every search row: ``searches`` maps a name to ``search_one(i)``
+    for i in range(n). One untimed pass of each search collects its answers (and warms up
+    JIT and caches); then ``repeats`` rounds, each timing one pass of every search in turn,
+    so that a noisy spell on the shared machine hits all of them.
 
-    The protocol every Store, in-memory and peer row follows: one untimed pass over the
-    queries, one query per call, collects each search's answers (and warms up JIT and
-    caches); then ``repeats`` rounds, each timing one pass of every search in turn, so that
-    a noisy spell on the shared machine hits all of them; QPS is over each one's median pass.
+    Returns ``answers`` ({name: [search_one(i) for i in range(n)]}), ``seconds`` ({name:
+    median wall seconds of its passes}) and ``cpu`` ({name: median process CPU seconds of its
+    passes}, every thread of the process counted: cpu / seconds is about the cores a search
+    kept busy, below 1 when it waited or other work on the machine had the core).
     """
-    found = {name: np.vstack([np.asarray(fn(queries[i:i + 1])).reshape(1, -1)
-                              for i in range(len(queries))])
-             for name, fn in searches.items()}
-    times = {name: [] for name in searches}
+    answers = {name: [fn(i) for i in range(n)] for name, fn in searches.items()}
+    walls = {name: [] for name in searches}
+    cpus = {name: [] for name in searches}
     for _ in range(repeats):
         for name, fn in searches.items():
-            t = time.perf_counter()
-            for i in range(len(queries)):
-                fn(queries[i:i + 1])
-            times[name].append(time.perf_counter() - t)
-    return {name: (recall(found[name], gt), len(queries) / statistics.median(times[name]))
+            c, t = time.process_time(), time.perf_counter()
+            for i in range(n):
+                fn(i)
+            walls[name].append(time.perf_counter() - t)
+            cpus[name].append(time.process_time() - c)
+    return (answers, {name: statistics.median(v) for name, v in walls.items()},
+            {name: statistics.median(v) for name, v in cpus.items()})
+
+
+def single_runs(searches, queries, gt, repeats=3):
+    """{name: (10-recall@10, QPS single)} for each ``search_one`` in ``searches`` (a dict),
+    each mapping a (1, d) query to (1, 10) ids, timed by ``interleaved_runs`` (one query per
+    call; QPS is over each one's median pass)."""
+    answers, seconds, _ = interleaved_runs(
+        {name: (lambda i, fn=fn: fn(queries[i:i + 1])) for name, fn in searches.items()},
+        len(queries), repeats)
+    return {name: (recall(np.vstack([np.asarray(a).reshape(1, -1) for a in answers[name]]),
+                          gt), len(queries) / seconds[name])
             for name in searches}
 
 
