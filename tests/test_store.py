@@ -358,8 +358,11 @@ def test_vectors_added_during_retrain_are_encoded_at_the_switch(store_path, vecs
     trained.close()
 
 
-def test_candidates_deleted_by_another_connection_are_dropped(trained, store_path, vecs,
-                                                             monkeypatch):
+def test_a_search_reads_as_of_one_commit_when_another_connection_deletes(trained, store_path,
+                                                                        vecs, monkeypatch):
+    # A search's ranking, its rerank reads and its results come from one read transaction:
+    # a delete committed by another connection between the scan and the rerank is not seen
+    # half-way (the candidate keeps its exact distance); the next search no longer finds it.
     import rvqstore.algo
 
     real = rvqstore.algo.rerank
@@ -372,7 +375,11 @@ def test_candidates_deleted_by_another_connection_are_dropped(trained, store_pat
 
     monkeypatch.setattr(rvqstore.algo, "rerank", delete_between_scan_and_fetch)
     res = trained.search(vecs[0], k=3)
-    assert 0 not in res.ids and (res.ids >= 0).all()
+    assert res.ids[0] == 0 and res.distances[0] < 1e-4 and (res.ids >= 0).all()
+    monkeypatch.setattr(rvqstore.algo, "rerank", real)
+    after = trained.search(vecs[0], k=3)
+    assert 0 not in after.ids and (after.ids >= 0).all()
+    assert list(after.ids[:2]) == list(res.ids[1:3])
 
 
 def test_ids_for_keys_can_skip_missing(trained):
