@@ -24,6 +24,7 @@ from .filters import Filter
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
                      StoreClosedError)
 from .storage import ORIGINAL_FORMATS, classify, translate_errors
+from .storage.text import KeywordIndex
 
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
 
@@ -49,13 +50,14 @@ RRF_K = 60
 
 
 def _text_query(text):
-    """A user's text as an FTS5 query that any of its words may match (quoted: no syntax)."""
+    """A user's text as the words a keyword search looks for, any of which may match (plain
+    words: no query syntax reaches FTS5)."""
     if not isinstance(text, str):
         raise InvalidInputError(f"text must be a string, got {type(text).__name__}")
     words = re.findall(r"\w+", text)
     if not words:
         raise InvalidInputError(f"text {text[:50]!r} has no words to search for")
-    return " OR ".join(f'"{w}"' for w in words[:64])
+    return words[:64]
 
 
 def _rows_of(ids, found):
@@ -100,6 +102,8 @@ class Store:
         self._seen_version = None
         self._snap = None  # the in-memory index, loaded lazily and refreshed on change
         self._codecs = _snapshot.Codecs()
+        # FTS5's bm25 ranking from an in-memory copy of the keyword index (storage/text.py)
+        self._keywords = KeywordIndex()
         # searches by plan and originals read (rerank, exact plan), for info()
         self._plans = collections.Counter(scan=0, exact=0, originals_read=0)
 
@@ -298,6 +302,8 @@ class Store:
         self.config = added.config
         if added.ids is None:  # every key was stored already
             return added.out
+        if docs is not None:
+            self._keywords.note_written(added.ids)
         if not _snapshot.after_add(self._snap if added.fresh else None, self.config,
                                    added.version, added.x, added.ids, added.appended,
                                    added.metas):
@@ -324,6 +330,7 @@ class Store:
                             progress=progress)
         ids = _writes.upsert(db, self.config, x, keys, metas=metas, docs=docs, snap=self._snap,
                              codecs=self._codecs, progress=progress)
+        self._keywords.note_written(ids)
         self._invalidate()
         return ids
 
@@ -342,6 +349,8 @@ class Store:
         docs = None if documents is None else _config.document_list(documents, n)
         ids = _writes.update(db, None if ids is None else self._id_array(ids), keys,
                              metas=metas, docs=docs)
+        if docs is not None:
+            self._keywords.note_written(ids)
         if metas is not None and self._snap is not None:
             self._snap.columns = None  # rebuilt from the file on the next filtered search
         return ids
@@ -371,6 +380,7 @@ class Store:
             version = meta_int(db.meta(), "active_version", db.path)
             if version:
                 db.add_tombstones(ids.tolist())
+        self._keywords.note_written(ids)
         if not _snapshot.after_delete(self._snap if fresh else None, version, ids, n):
             self._invalidate()
         return n
@@ -618,14 +628,11 @@ class Store:
         dist[np.isnan(dist)] = np.inf
         return _padded(SearchResult(np.asarray([top], np.int64), dist[None]), k)
 
-    def _text_ranking(self, fts, depth, allow=None):
-        """Ids of the best ``depth`` documents for the FTS5 query ``fts`` (among the index
-        rows ``allow`` when given), best first."""
-        db = self._db
-        if allow is None:
-            return [i for i, _ in db.text_matches(fts, depth)]
-        ok = set(self._current().index.ids[allow].tolist())
-        return [i for i, _ in db.text_matches(fts) if i in ok][:depth]
+    def _text_ranking(self, words, depth, allow=None):
+        """Ids of the best ``depth`` documents for ``words`` (among the index rows ``allow``
+        when given), best first."""
+        allowed = None if allow is None else np.sort(self._current().index.ids[allow])
+        return [i for i, _ in self._keywords.keyword_ranking(self._db, words, depth, allowed)]
 
     @_translated
     def text_search(self, text, *, k=10, where=None, with_keys=False, with_metadata=False,
@@ -640,11 +647,8 @@ class Store:
         fts = _text_query(text)
         k = check_k(k)
         with db.read():  # the ranking and the results as of one commit
-            if where is not None:
-                passing = set(self._matching_ids(where).tolist())
-                rows = [(i, sc) for i, sc in db.text_matches(fts) if i in passing][:k]
-            else:
-                rows = db.text_matches(fts, k)
+            allowed = None if where is None else self._matching_ids(where)
+            rows = self._keywords.keyword_ranking(db, fts, k, allowed)
             ids = np.full(k, -1, np.int64)
             dist = np.full(k, np.inf, np.float32)
             if rows:
