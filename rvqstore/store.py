@@ -42,9 +42,6 @@ EXACT_PLAN_ROWS = 2
 ``k * DEFAULT_RERANK`` pass: reading them costs no more than a scan's rerank reads."""
 
 
-HYBRID_DEPTH = 50
-"""How deep each ranking of a hybrid search goes before fusion."""
-
 RRF_K = 60
 """Reciprocal rank fusion's constant (Cormack et al.): score = sum of 1 / (RRF_K + rank)."""
 
@@ -528,9 +525,9 @@ class Store:
             few items pass, their originals are compared exactly instead of scanning the
             codes (``info()["search_plans"]`` counts which plan ran).
         text : str or None, with a single query vector: hybrid search. The vector ranking and
-            the keyword ranking of the documents (:meth:`text_search`) are fused by
-            reciprocal rank fusion (score = sum of 1 / (60 + rank)); results come in fused
-            order with their exact vector distances.
+            the keyword ranking of the documents (:meth:`text_search`), the top k of each,
+            are fused by reciprocal rank fusion (score = sum of 1 / (60 + rank)); results
+            come in fused order with their exact vector distances.
         exclude : sequence of ids or None, left out of every result (e.g. the item a query
             was taken from)
         with_keys, with_metadata, with_documents : bool, also return those of the results
@@ -570,33 +567,32 @@ class Store:
             if flt is not None:
                 passing = flt.mask(_snapshot.columns(db, snap))
                 allow = passing if allow is None else allow & passing
-            kq = k if fts is None else max(k, HYBRID_DEPTH)  # hybrid: rank deeper, then fuse
             if snap.version and allow is not None and self.config.keep_originals and \
-                    int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * kq * rerank:
+                    int(np.count_nonzero(allow & index.live())) <= EXACT_PLAN_ROWS * k * rerank:
                 # few rows pass: their exact distances cost less than a scan, and are exact
                 self._plans["exact"] += 1
                 among = index.ids[allow & index.live()]
                 self._plans["originals_read"] += len(among)
-                res = self._exact_among(q, among, kq)
+                res = self._exact_among(q, among, k)
             elif not snap.version:
                 self._plans["exact"] += 1
-                res = index.search(q, k=kq, allow=allow)
+                res = index.search(q, k=k, allow=allow)
             else:
                 self._plans["scan"] += 1
-                depth = kq * (AUTO_RERANK[1] if adaptive else rerank)
+                depth = k * (AUTO_RERANK[1] if adaptive else rerank)
                 # more candidates than rows would only allocate padding
                 res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow)
                 if adaptive:
-                    depths = algo.search.rerank_depths(q, res.distances, k=kq, metric=self.metric,
+                    depths = algo.search.rerank_depths(q, res.distances, k=k, metric=self.metric,
                                                        rms_error=index.rms_error,
-                                                       floor=kq * AUTO_RERANK[0])
+                                                       floor=k * AUTO_RERANK[0])
                     cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
                     res = SearchResult(np.where(cut, -1, res.ids), res.distances)
                 if rerank > 1 or adaptive:
                     self._plans["originals_read"] += int(np.count_nonzero(res.ids >= 0))
-                    res = algo.rerank(q, res.ids, self._fetch, k=kq, metric=self.metric)
+                    res = algo.rerank(q, res.ids, self._fetch, k=k, metric=self.metric)
                 else:
-                    res = _padded(res, kq)
+                    res = _padded(res, k)
             if fts is not None:
                 res = self._fused(q, res, fts, k, allow)
             keys, metas, docs = self._extras(res.ids, with_keys, with_metadata, with_documents)
@@ -610,7 +606,7 @@ class Store:
         """Reciprocal rank fusion of the vector ranking ``res`` (one query) and the keyword
         ranking of ``fts``, both limited to ``allow``; top k with exact vector distances."""
         vec_ids = [i for i in res.ids[0].tolist() if i >= 0]
-        text_ids = self._text_ranking(fts, HYBRID_DEPTH, allow)
+        text_ids = self._text_ranking(fts, k, allow)
         score = collections.defaultdict(float)
         for ranking in (vec_ids, text_ids):
             for rank, i in enumerate(ranking):
