@@ -17,7 +17,7 @@ import numpy as np
 from ._config import Config, meta_int, naming, parse_metadata, unpack
 from .filters import Columns
 from .algo import ResidualQuantizer
-from .algo.index import ExactIndex, FlatCodeIndex
+from .algo.index import ExactIndex, FlatCodeIndex, PartitionedCodeIndex
 from .errors import BadFileError
 from .storage import unpack_codebooks
 from .storage.blobs import unpack_concat
@@ -32,7 +32,7 @@ class Snapshot:
     epoch : int, the file's ``blocks_epoch`` when the blocks were read
     count : int, live vectors
     nblocks : int, code blocks read (0 when untrained)
-    index : ExactIndex or FlatCodeIndex
+    index : ExactIndex, FlatCodeIndex or PartitionedCodeIndex
     columns : the metadata of the index's rows as typed columns, built by the first
         filtered search (None until then)
     metadata_epoch : int, the file's ``metadata_epoch`` (bumped by writes that change
@@ -43,13 +43,46 @@ class Snapshot:
     epoch: int
     count: int
     nblocks: int
-    index: Union[ExactIndex, FlatCodeIndex]
+    index: Union[ExactIndex, FlatCodeIndex, PartitionedCodeIndex]
     columns: Optional[Columns] = None
     metadata_epoch: int = 0
 
 
-def load(db, config: Config, old):
+AUTO_PARTITION_ROWS = 200_000
+"""Stored vectors from which ``partitions=None`` groups the codes into cells (below it a
+scan of every code costs about what a partitioned search does; see the README)."""
+
+
+def cell_prefix(partitions, config, rows):
+    """How many leading stages name a vector's cell (None: a flat index) for the store's
+    ``partitions`` choice (None: automatic; 0: flat; K or K**2 for codebook size K)."""
+    if partitions == 0:
+        return None
+    if partitions is None:
+        return 2 if rows >= AUTO_PARTITION_ROWS and config.stages >= 2 else None
+    return 1 if partitions == config.codebook_size else 2
+
+
+def arranged(index, prefix, tail_from):
+    """``index`` as the kind ``prefix`` asks for (flat when None), converted if need be."""
+    if prefix is None:
+        if isinstance(index, PartitionedCodeIndex):
+            at = index.pos
+            return FlatCodeIndex(index.metric, index.rq, index.ids, index.codes[at],
+                                 index.norms[at], index.bias[at], index.rms_error)
+        return index
+    if isinstance(index, PartitionedCodeIndex) and index.prefix == prefix:
+        return index
+    if isinstance(index, PartitionedCodeIndex):
+        index = arranged(index, None, tail_from)
+    return PartitionedCodeIndex.group(index.metric, index.rq, index.ids, index.codes,
+                                      index.norms, bias=index.bias, rms_error=index.rms_error,
+                                      prefix=prefix, tail_from=tail_from)
+
+
+def load(db, config: Config, old, partitions=None):
     """The snapshot as of now, reusing ``old`` where it still holds (call inside ``db.read()``).
+    ``partitions`` is the store's choice of index (see :func:`cell_prefix`).
 
     Appends by others only touch the last code block and new ones, so a refresh reads
     just those unless the blocks were rewritten (compact, retrain: ``blocks_epoch``). The
@@ -81,6 +114,9 @@ def load(db, config: Config, old):
     if len(kept.ids) != count + len(dead):
         raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
                            f"store {count} and {len(dead)} deleted: the file is corrupted")
+    nblocks = first + nread
+    kept = arranged(kept, cell_prefix(partitions, config, count),
+                    max(nblocks - 1, 0) * config.block_size)
     cols = None
     if first and old.columns is not None and old.metadata_epoch == meta_epoch:
         start = first * config.block_size
@@ -89,7 +125,7 @@ def load(db, config: Config, old):
                   db.metadata_for_ids(new.tolist()).items()}
         cols = old.columns.taken(np.arange(start)).extended(
             [stored.get(i) for i in new.tolist()])
-    return Snapshot(version, epoch, count, first + nread, kept, cols, meta_epoch)
+    return Snapshot(version, epoch, count, nblocks, kept, cols, meta_epoch)
 
 
 def columns(db, snap):

@@ -19,6 +19,7 @@ from . import _config, _snapshot, _training, _writes
 from . import algo
 from ._config import meta_int
 from .algo import SearchResult
+from .algo.index import PartitionedCodeIndex, calibrate_nprobe
 from .algo.validate import MAX_K, METRICS, check_k
 from .filters import Filter
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
@@ -55,6 +56,23 @@ def _text_query(text):
     if not words:
         raise InvalidInputError(f"text {text[:50]!r} has no words to search for")
     return words[:64]
+
+
+def _partition_choice(partitions, config):
+    """``partitions`` checked against the store's codebook size (K: partitions, K**2:
+    cells; 0 and None pass)."""
+    if not partitions:
+        return partitions
+    K = config.codebook_size
+    if partitions not in (K, K * K):
+        raise InvalidInputError(
+            f"partitions={partitions}: a store with codebook_size {K} has {K} partitions "
+            f"(its first stage's codewords) or {K * K} cells (its first two stages'); "
+            "give one of those, 0 (no partitions) or None (automatic)")
+    if partitions == K * K and config.stages < 2:
+        raise InvalidInputError(f"partitions={partitions} (cells of two stages) needs at "
+                                f"least 2 stages, the store has {config.stages}")
+    return int(partitions)
 
 
 def _rows_of(ids, found):
@@ -101,6 +119,7 @@ class Store:
         self._codecs = _snapshot.Codecs()
         # FTS5's bm25 ranking from an in-memory copy of the keyword index (storage/text.py)
         self._keywords = KeywordIndex()
+        self._partitions = None  # Store.open(partitions=): see _snapshot.cell_prefix
         # searches by plan and originals read (rerank, exact plan), for info()
         self._plans = collections.Counter(scan=0, exact=0, originals_read=0)
 
@@ -110,7 +129,7 @@ class Store:
     def open(cls, path, *, dim=None, metric=None, stages=None, codebook_size=None,
              keep_originals=None, originals=None, readonly=False, create=True, block_size=None,
              train_beam=None, add_beam=None, train_sample=None, seed=None, mmap_originals=False,
-             durable=True, timeout=10.0, max_bytes=None):
+             durable=True, timeout=10.0, max_bytes=None, partitions=None):
         """Open the store at ``path``, creating it when missing (unless ``readonly``).
 
         Parameters
@@ -140,6 +159,13 @@ class Store:
             ``LockedError`` (default 10)
         max_bytes : int or None, a quota for this connection: a write that would grow the
             file beyond it fails with ``DiskFullError`` and is rolled back, as on a full disk
+        partitions : how this connection's searches group a trained store's codes. The
+            first RVQ stage is a coarse quantizer: a vector's first stage codes name its
+            partition (K = ``codebook_size`` of them) and its first two stages' codes its
+            cell (K**2). A partitioned search scans only the cells nearest the query
+            (``search(nprobe=)``). None (the default) partitions by cells from 200,000
+            vectors on and scans every code below; 0 always scans every code; K or K**2
+            force partitions or cells. Nothing in the file changes.
 
         On an existing file the configuration is read from the file, and an argument
         that conflicts with it is an error naming both values.
@@ -151,6 +177,11 @@ class Store:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
                 not 0 <= timeout <= 86400:
             raise InvalidInputError(f"timeout must be seconds in [0, 86400], got {timeout!r}")
+        if partitions is not None and (isinstance(partitions, bool) or
+                                       not isinstance(partitions, (int, np.integer)) or
+                                       partitions < 0):
+            raise InvalidInputError(f"partitions must be None or an integer >= 0, got "
+                                    f"{partitions!r}")
         if max_bytes is not None and (isinstance(max_bytes, bool) or
                                       not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1):
             raise InvalidInputError(f"max_bytes must be a positive integer, got {max_bytes!r}")
@@ -160,6 +191,7 @@ class Store:
                                                timeout=timeout, max_bytes=max_bytes)
             try:
                 store = cls(db, config)
+                store._partitions = _partition_choice(partitions, config)
                 if not readonly:
                     _training.drop_stale_builds(db)
                 return store
@@ -211,7 +243,7 @@ class Store:
             return self._snap
         self._learn_dim()
         with db.read():
-            snap = _snapshot.load(db, self.config, self._snap)
+            snap = _snapshot.load(db, self.config, self._snap, self._partitions)
         self._snap = snap
         # the version seen before the read: a commit landing meanwhile triggers one more
         # refresh rather than being missed
@@ -506,7 +538,7 @@ class Store:
 
     @_translated
     def search(self, queries, *, k=10, rerank=None, where=None, text=None, exclude=None,
-               with_keys=False, with_metadata=False, with_documents=False):
+               nprobe=None, with_keys=False, with_metadata=False, with_documents=False):
         """The k nearest stored vectors of each query (among those passing ``where``).
 
         Parameters
@@ -530,6 +562,12 @@ class Store:
             come in fused order with their exact vector distances.
         exclude : sequence of ids or None, left out of every result (e.g. the item a query
             was taken from)
+        nprobe : int >= 1 or None, for a partitioned store (``Store.open(partitions=)``):
+            a query scans the codes of the cells nearest it until it has scanned ``nprobe``
+            average cells' worth of rows (under ``where``, of passing rows). None: the
+            store's default, calibrated on the first such search so that the candidates
+            hold 99% of what scanning every code would rank first (``info()["partitions"]``
+            says which). Ignored by a store that scans every code.
         with_keys, with_metadata, with_documents : bool, also return those of the results
 
         Returns
@@ -554,6 +592,9 @@ class Store:
             raise InvalidInputError(f"rerank must be at most {MAX_K:,}, got {rerank}")
         if rerank > 1 and not self.config.keep_originals:
             raise OriginalsMissingError("rerank needs the originals; this store does not keep them")
+        if nprobe is not None and (isinstance(nprobe, bool) or
+                                   not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
+            raise InvalidInputError(f"nprobe must be an integer >= 1, got {nprobe!r}")
         fts = None if text is None else _text_query(text)
         if fts is not None and len(q) != 1:
             raise InvalidInputError(f"text= (hybrid search) takes one query vector, got {len(q)}")
@@ -580,8 +621,11 @@ class Store:
             else:
                 self._plans["scan"] += 1
                 depth = k * (AUTO_RERANK[1] if adaptive else rerank)
+                if nprobe is None:
+                    self._calibrate(index)
                 # more candidates than rows would only allocate padding
-                res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow)
+                res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow,
+                                   nprobe=nprobe)
                 if adaptive:
                     depths = algo.search.rerank_depths(q, res.distances, k=k, metric=self.metric,
                                                        rms_error=index.rms_error,
@@ -601,6 +645,33 @@ class Store:
             return SearchResult(res.ids[0], res.distances[0], first(keys), first(metas),
                                 first(docs))
         return SearchResult(res.ids, res.distances, keys, metas, docs)
+
+    CALIBRATION_QUERIES = 64
+    CALIBRATION_TARGET = 0.99
+
+    def _calibrate(self, index):
+        """Choose a partitioned index's default nprobe once (per grouping), on stored
+        vectors held out of their own answers (:func:`~rvqstore.calibrate_nprobe`):
+        their originals, or their decoded codes in a store without originals."""
+        if not isinstance(index, PartitionedCodeIndex) or \
+                index.calibration is not None:
+            return
+        live = np.flatnonzero(index.live())
+        rng = np.random.default_rng(0)
+        rows = np.sort(rng.choice(live, size=min(self.CALIBRATION_QUERIES, len(live)),
+                                  replace=False))
+        ids = index.ids[rows]
+        if self.config.keep_originals:
+            queries = self._fetch(ids)
+        else:
+            queries = index.rq.decode(index.codes[index.pos[rows]])
+        keep = ~np.isnan(queries).any(axis=1)
+        queries = np.ascontiguousarray(queries[keep], np.float32)
+        if self.metric == "cosine":
+            queries = algo.search.normalize(queries)
+        index.nprobe, index.calibration = calibrate_nprobe(
+            index, queries, ids[keep], k=10, depth=10 * AUTO_RERANK[0],
+            target=self.CALIBRATION_TARGET)
 
     def _fused(self, q, res, fts, k, allow):
         """Reciprocal rank fusion of the vector ranking ``res`` (one query) and the keyword
@@ -752,7 +823,27 @@ class Store:
                 out["added_since_training"] = row["added_count"]
                 out["added_mse"] = (row["added_sq_error"] / row["added_count"]
                                     if row["added_count"] else None)
+        out["partitions"] = self._partition_info() if version else None
         return out
+
+    def _partition_info(self):
+        """How searches group the codes: None when they scan every code."""
+        index = self._current().index
+        if not isinstance(index, PartitionedCodeIndex):
+            return None
+        sizes = index.cell_sizes()
+        n = int(sizes.sum())
+        return {"cells": index.partitions, "stages_per_cell": index.prefix,
+                "non_empty": int(np.count_nonzero(sizes)),
+                "rows_per_cell": {"mean": float(n / max(np.count_nonzero(sizes), 1)),
+                                  "max": int(sizes.max()) if len(sizes) else 0},
+                # sum of squared sizes over its value for equal sizes (1.0: balanced)
+                "imbalance": float(np.count_nonzero(sizes) * (sizes.astype(np.float64) ** 2).sum()
+                                   / max(n, 1) ** 2),
+                "ungrouped_rows": len(index.rows) - index.grouped,
+                "nprobe": index.nprobe,
+                "nprobe_calibrated": index.calibration is not None,
+                "calibration_coverage": index.calibration}
 
     @_translated
     def check(self):

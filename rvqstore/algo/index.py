@@ -13,6 +13,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from .quantizers import ResidualQuantizer
+from . import kernels
 from .search import SearchResult, adc_search, exact_search
 
 
@@ -25,9 +26,10 @@ class CodeIndex(Protocol):
     def nbytes(self) -> int:
         """Bytes held in memory."""
 
-    def search(self, queries: np.ndarray, *, k: int,
-               allow: Optional[np.ndarray] = None) -> SearchResult:
-        """The k best rows for each query as store ids (padded with -1/+inf)."""
+    def search(self, queries: np.ndarray, *, k: int, allow: Optional[np.ndarray] = None,
+               nprobe: Optional[int] = None) -> SearchResult:
+        """The k best rows for each query as store ids (padded with -1/+inf); ``nprobe``
+        bounds how much of a partitioned index a query visits (others scan everything)."""
 
     def remove(self, ids: np.ndarray) -> None:
         """Stop returning ``ids`` (deleted)."""
@@ -64,7 +66,7 @@ class ExactIndex:
     def nbytes(self):
         return self.ids.nbytes + self.vectors.nbytes + self.norms.nbytes
 
-    def search(self, queries, *, k, allow=None):
+    def search(self, queries, *, k, allow=None, nprobe=None):
         vectors, norms, row_ids = self.vectors, self.norms, self.ids
         if allow is not None:
             vectors, norms, row_ids = vectors[allow], norms[allow], row_ids[allow]
@@ -121,7 +123,7 @@ class FlatCodeIndex:
     def nbytes(self):
         return self.ids.nbytes + self.codes.nbytes + self.norms.nbytes + self.bias.nbytes
 
-    def search(self, queries, *, k, allow=None):
+    def search(self, queries, *, k, allow=None, nprobe=None):
         # under an allow-mask only the passing rows are scanned: a selective filter makes
         # the scan cheaper, not just its answer shorter
         rows = None if allow is None else np.flatnonzero(allow)
@@ -144,3 +146,223 @@ class FlatCodeIndex:
     def truncated(self, n):
         return FlatCodeIndex(self.metric, self.rq, self.ids[:n], self.codes[:n], self.norms[:n],
                              self.bias[:n].copy(), self.rms_error)
+
+
+
+DEFAULT_NPROBE = 64
+"""Cells' worth of rows a partitioned search scans when none was calibrated (see
+:class:`PartitionedCodeIndex`)."""
+
+
+def _cell_numbers(codes, K, prefix):
+    cell = codes[:, 0].astype(np.int64)
+    if prefix == 2:
+        cell = cell * K + codes[:, 1]
+    return cell
+
+
+@dataclass
+class PartitionedCodeIndex:
+    """RVQ codes grouped into cells by their first stages' codes, scanned near a query.
+
+    The first RVQ stage is a coarse quantizer and the later stages encode the residual
+    from it, so the codes need no other training: the ``prefix`` first stages' codes name a
+    vector's cell (up to ``K ** prefix`` of them; ``prefix`` 2 by default, 65,536 cells at
+    K = 256). A query's probe scores every non-empty cell by the ADC estimate of its centre
+    (the prefix's reconstruction, exact-form: the same table as the scan) and scans the
+    rows of the nearest cells, contiguous in memory, until it has scanned ``nprobe``
+    average cells' worth of rows (and at least the k asked for); the estimates are the flat index's, over a few percent
+    of the rows. Under an allow-mask it counts passing rows only, so a selective or
+    anti-correlated filter visits more cells instead of returning fewer results.
+
+    Rows (the store's order, as :class:`FlatCodeIndex` holds them) are kept in memory by
+    position: positions ``[0, grouped)`` grouped by cell, the later ones appended since
+    and scanned by every query until the next regrouping.
+
+    ids : int64 (n,) store id of each row; codes uint8 (n, S), norms, bias float32 (n,)
+    by position; rows int64 (n,) the row at each position, pos its inverse; rms_error as
+    for :class:`FlatCodeIndex`; nprobe : the default for :meth:`search`.
+    """
+
+    metric: str
+    rq: ResidualQuantizer
+    ids: np.ndarray
+    codes: np.ndarray
+    norms: np.ndarray
+    bias: np.ndarray
+    rows: np.ndarray
+    rms_error: float = 0.0
+    prefix: int = 2
+    nprobe: int = DEFAULT_NPROBE
+    grouped: int = 0
+    cell_of: np.ndarray = field(default=None)   # int64 (grouped,) cell j of each position
+    starts: np.ndarray = field(default=None)    # int64 (m+1,) positions of cell j
+    c0: np.ndarray = field(default=None)        # int64 (m,) the cells' first stage codes
+    c1: np.ndarray = field(default=None)        # int64 (m,) second stage codes (0: prefix 1)
+    cell_bias: np.ndarray = field(default=None)  # float32 (m,)
+    pos: np.ndarray = field(default=None)
+    calibration: Optional[float] = None  # coverage the default nprobe reached, when calibrated
+
+    @classmethod
+    def group(cls, metric, rq, ids, codes, norms, *, bias=None, rms_error=0.0, prefix=2,
+              nprobe=DEFAULT_NPROBE, tail_from=None, calibration=None):
+        """The index of rows given in the store's order (``bias`` as for FlatCodeIndex);
+        rows from ``tail_from`` on are left ungrouped (a last code block that appends by
+        other connections will rewrite: a reader then re-reads it without regrouping)."""
+        if prefix not in (1, 2) or prefix > max(codes.shape[1], 1):
+            raise ValueError(f"prefix must be 1 or 2 and at most the stages, got {prefix}")
+        if bias is None:
+            bias = norms.copy() if metric == "l2" else np.zeros(len(norms), np.float32)
+        K = rq.codebook_size
+        n = len(ids)
+        head = n if tail_from is None else max(0, min(tail_from, n))
+        cell = _cell_numbers(codes[:head], K, prefix)
+        order = np.concatenate([
+            np.argsort(cell.astype(np.uint16 if K ** prefix <= 65536 else np.int64),
+                       kind="stable"),
+            np.arange(head, n, dtype=np.int64)])
+        counts = np.bincount(cell, minlength=K ** prefix)
+        nonempty = np.flatnonzero(counts)
+        starts = np.zeros(len(nonempty) + 1, np.int64)
+        np.cumsum(counts[nonempty], out=starts[1:])
+        which = np.full(K ** prefix, -1, np.int64)
+        which[nonempty] = np.arange(len(nonempty))
+        c0 = nonempty // K if prefix == 2 else nonempty
+        c1 = nonempty % K if prefix == 2 else np.zeros(len(nonempty), np.int64)
+        if metric == "l2":  # ||c0 + c1||^2 of each cell's centre
+            books = rq.codebooks.astype(np.float64)
+            n0 = np.einsum("kd,kd->k", books[0], books[0])
+            cell_bias = n0[c0]
+            if prefix == 2:
+                n1 = np.einsum("kd,kd->k", books[1], books[1])
+                cell_bias = cell_bias + n1[c1] + 2.0 * (books[0] @ books[1].T)[c0, c1]
+            cell_bias = cell_bias.astype(np.float32)
+        else:
+            cell_bias = np.zeros(len(nonempty), np.float32)
+        pos = np.empty(n, np.int64)
+        pos[order] = np.arange(n)
+        return cls(metric, rq, np.asarray(ids, np.int64), np.ascontiguousarray(codes[order]),
+                   norms[order], np.ascontiguousarray(bias[order], np.float32),
+                   order.astype(np.int64), rms_error, prefix, nprobe, head,
+                   which[cell[order[:head]]], starts, c0, c1, cell_bias, pos, calibration)
+
+    @property
+    def partitions(self):
+        """Cells a vector can fall in (``K ** prefix``)."""
+        return self.rq.codebook_size ** self.prefix
+
+    @property
+    def nbytes(self):
+        arrays = (self.ids, self.codes, self.norms, self.bias, self.rows, self.pos,
+                  self.cell_of, self.starts, self.c0, self.c1, self.cell_bias)
+        return sum(a.nbytes for a in arrays)
+
+    def cell_sizes(self):
+        """int64 (m,): live rows in each non-empty cell of the grouped rows."""
+        live = np.isfinite(self.bias[:self.grouped])
+        return np.bincount(self.cell_of[live], minlength=len(self.c0))
+
+    def search(self, queries, *, k, allow=None, nprobe=None):
+        nprobe = self.nprobe if nprobe is None else int(nprobe)
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        K, m, n = self.rq.codebook_size, len(self.c0), len(self.rows)
+        # at least k rows (passing rows under a mask): never fewer results than can pass
+        budget = max(k, -(-nprobe * self.grouped // max(m, 1)))
+        if allow is None:
+            weight, mask = np.diff(self.starts), _NO_MASK
+        else:
+            mask = np.ascontiguousarray(allow, dtype=np.bool_)
+            weight = kernels.count_by_cell(self.cell_of, mask, self.rows, m)
+        lut, const = self.rq.lut(queries, self.metric)
+        lut = np.ascontiguousarray(lut, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        dist = np.full((len(queries), k), np.inf, np.float32)
+        two = self.prefix == 2
+        for q in range(len(queries)):
+            sel = kernels.probe_cells(lut[q], K, self.c0, self.c1, two, self.cell_bias,
+                                      weight, budget)
+            starts, ends = self.starts[sel], self.starts[sel + 1]
+            if n > self.grouped:  # appended since the grouping: always scanned
+                starts = np.append(starts, self.grouped)
+                ends = np.append(ends, n)
+            d, i = kernels.scan_topk_ranges(self.codes, starts, ends, mask, self.rows, lut[q],
+                                            self.bias, k)
+            ok = np.isfinite(d)
+            ids[q, ok] = self.ids[self.rows[i[ok]]]
+            dist[q, ok] = d[ok] + np.float32(const[q])
+        return SearchResult(ids, dist)
+
+    def append(self, ids, codes, norms):
+        n = len(self.rows)
+        self.ids = np.concatenate([self.ids, ids])
+        self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
+        self.norms = np.concatenate([self.norms, norms])
+        extra = norms.copy() if self.metric == "l2" else np.zeros(len(norms), np.float32)
+        self.bias = np.concatenate([self.bias, extra])
+        new = np.arange(n, n + len(ids), dtype=np.int64)
+        self.rows = np.concatenate([self.rows, new])
+        self.pos = np.concatenate([self.pos, new])
+        if len(self.rows) - self.grouped > max(REGROUP_ROWS, self.grouped // 8):
+            self._regroup()
+
+    def _regroup(self):
+        at = self.pos
+        fresh = PartitionedCodeIndex.group(
+            self.metric, self.rq, self.ids, self.codes[at], self.norms[at], bias=self.bias[at],
+            rms_error=self.rms_error, prefix=self.prefix, nprobe=self.nprobe,
+            calibration=self.calibration)
+        self.__dict__.update(fresh.__dict__)
+
+    def remove(self, ids):
+        self.bias[self.pos[np.isin(self.ids, ids)]] = np.inf
+
+    def live(self):
+        return np.isfinite(self.bias[self.pos])
+
+    def truncated(self, n):
+        if self.grouped == 0 or self.rows[:self.grouped].max() < n:
+            # only ungrouped rows go: the grouping stands
+            keep = np.concatenate([np.arange(self.grouped),
+                                   self.grouped + np.flatnonzero(self.rows[self.grouped:] < n)])
+            pos = np.empty(n, np.int64)
+            pos[self.rows[keep]] = np.arange(len(keep))
+            return PartitionedCodeIndex(
+                self.metric, self.rq, self.ids[:n], self.codes[keep], self.norms[keep],
+                self.bias[keep], self.rows[keep], self.rms_error, self.prefix, self.nprobe,
+                self.grouped, self.cell_of, self.starts, self.c0, self.c1, self.cell_bias, pos,
+                self.calibration)
+        at = self.pos[:n]
+        return PartitionedCodeIndex.group(self.metric, self.rq, self.ids[:n], self.codes[at],
+                                          self.norms[at], bias=self.bias[at].copy(),
+                                          rms_error=self.rms_error, prefix=self.prefix,
+                                          nprobe=self.nprobe, calibration=self.calibration)
+
+
+REGROUP_ROWS = 65536
+"""Rows appended since the last grouping that a partitioned index scans whole before it
+regroups (or an eighth of the grouped rows, whichever is more)."""
+
+_NO_MASK = np.empty(0, np.bool_)
+
+
+def calibrate_nprobe(index, queries, own, *, k, depth, target=0.98, start=16, step=1.4):
+    """The least ``nprobe`` (from ``start``, growing by ``step``) at which a partitioned
+    index's ``depth`` candidates hold ``target`` of each query's k nearest by the codes
+    (what scanning every row would rank first), on average.
+
+    queries : float32 (nq, d), stored vectors (held out of their own answers: ``own``,
+    int64 (nq,), their ids). Returns (nprobe, coverage reached).
+    """
+    cells = len(index.c0)
+    everything = max(cells, 1) * 2
+    full = index.search(queries, k=k + 1, nprobe=everything)
+    truth = [[i for i in row if i >= 0 and i != o][:k] for row, o in zip(full.ids.tolist(), own)]
+    nprobe = start
+    while True:
+        res = index.search(queries, k=depth, nprobe=nprobe)
+        found = [len(set(t) & set(r)) / max(len(t), 1) for t, r in zip(truth, res.ids.tolist())]
+        coverage = float(np.mean(found)) if found else 1.0
+        if coverage >= target or nprobe >= cells:
+            return nprobe, coverage
+        nprobe = min(cells, max(nprobe + 1, int(nprobe * step)))

@@ -194,6 +194,113 @@ def scan_topk_batch(codes, rows, subset, luts, bias, k):
     return out_d, out_i
 
 
+PROBE_BUCKETS = 1024
+"""Score buckets a partitioned search's probe sorts its cells into (see probe_cells)."""
+
+
+@njit(cache=True, nogil=True)
+def probe_cells(lut, K, c0, c1, two, cell_bias, weight, budget):
+    """The cells nearest a query, as many as hold ``budget`` of ``weight`` (rows, or rows
+    passing a filter): a partitioned search's probe.
+
+    Cell j (codes ``c0[j]``, ``c1[j]`` of the first two stages) scores ``cell_bias[j] +
+    lut[c0[j]] + lut[K + c1[j]]`` (the second term only when ``two``): the ADC estimate of
+    its centre. The cells are bucketed by score (``PROBE_BUCKETS`` equal-width buckets from
+    the best to the worst score) and taken bucket by bucket from the nearest until their
+    weights reach ``budget``; the last bucket is taken whole (a little more than
+    ``budget`` may come). Returns int64 (m,) cell numbers j, in no particular order.
+    """
+    m = c0.shape[0]
+    score = np.empty(m, dtype=np.float32)
+    lo = np.float32(np.inf)
+    hi = np.float32(-np.inf)
+    for j in range(m):
+        v = cell_bias[j] + lut[c0[j]]
+        if two:
+            v += lut[K + c1[j]]
+        score[j] = v
+        lo = min(lo, v)
+        hi = max(hi, v)
+    nb = PROBE_BUCKETS
+    width = (hi - lo) / nb
+    if not width > 0:
+        width = np.float32(1.0)
+    held = np.zeros(nb + 1, dtype=np.int64)
+    bucket = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        b = min(int((score[j] - lo) / width), nb)
+        bucket[j] = b
+        held[b] += weight[j]
+    last = nb
+    total = 0
+    for b in range(nb + 1):
+        total += held[b]
+        if total >= budget:
+            last = b
+            break
+    out = np.empty(m, dtype=np.int64)
+    n = 0
+    for j in range(m):
+        if bucket[j] <= last and weight[j] > 0:
+            out[n] = j
+            n += 1
+    return out[:n]
+
+
+@njit(nogil=True, inline="always")
+def _ranges_core(codes, starts, ends, allow, rows, lut, bias, k, K, S, out_d, out_i):
+    hd = np.full(k, np.inf, dtype=np.float32)
+    hi = np.full(k, -1, dtype=np.int64)
+    top = np.float32(np.inf)
+    check = allow.shape[0] > 0
+    for r in range(starts.shape[0]):
+        for i in range(starts[r], ends[r]):
+            if check and not allow[rows[i]]:
+                continue
+            acc = bias[i]
+            for s in range(S):
+                acc += lut[s * K + codes[i, s]]
+            if acc < top:
+                hd[0] = acc
+                hi[0] = i
+                _sift_down(hd, hi, k)
+                top = hd[0]
+    order = np.argsort(hd, kind="mergesort")
+    for j in range(k):
+        out_d[j] = hd[order[j]]
+        out_i[j] = hi[order[j]]
+
+
+@njit(cache=True, nogil=True)
+def scan_topk_ranges(codes, starts, ends, allow, rows, lut, bias, k):
+    """:func:`scan_topk` over the row ranges ``[starts[r], ends[r])`` only (a partitioned
+    search's probed cells, contiguous in memory), skipping row i unless
+    ``allow[rows[i]]`` when ``allow`` (bool, indexed by ``rows``) is not empty. Returns
+    row numbers."""
+    out_d = np.empty(k, dtype=np.float32)
+    out_i = np.empty(k, dtype=np.int64)
+    S = codes.shape[1]
+    if lut.shape[0] == S * 256 and S == 16:
+        _ranges_core(codes, starts, ends, allow, rows, lut, bias, k, 256, 16, out_d, out_i)
+    elif lut.shape[0] == S * 256 and S == 8:
+        _ranges_core(codes, starts, ends, allow, rows, lut, bias, k, 256, 8, out_d, out_i)
+    else:
+        _ranges_core(codes, starts, ends, allow, rows, lut, bias, k, lut.shape[0] // S, S,
+                     out_d, out_i)
+    return out_d, out_i
+
+
+@njit(cache=True, nogil=True)
+def count_by_cell(cell_of, allow, rows, ncells):
+    """int64 (ncells,): how many rows i of each cell ``cell_of[i]`` have ``allow[rows[i]]``
+    (the passing rows per cell a filtered probe weighs cells by)."""
+    out = np.zeros(ncells, dtype=np.int64)
+    for i in range(cell_of.shape[0]):
+        if allow[rows[i]]:
+            out[cell_of[i]] += 1
+    return out
+
+
 @njit(cache=True, nogil=True)
 def normal_equations(codes, x, K):
     """B^T B (S*K, S*K) and B^T X (S*K, d), float64, for the one-hot code matrix B of ``codes``."""

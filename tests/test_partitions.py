@@ -1,0 +1,214 @@
+"""Partitioned codes: the cells of the first RVQ stages, probed near each query.
+
+The kernels are checked against plain numpy; the index against the flat index it must
+equal when every cell is probed (same estimates), through appends, deletes and
+truncation; the store through ``Store.open(partitions=)``, ``search(nprobe=)``, filters and
+other connections' writes.
+"""
+
+import numpy as np
+import pytest
+
+from rvqstore import Store
+from rvqstore.algo import kernels
+from rvqstore.algo.index import FlatCodeIndex, PartitionedCodeIndex, calibrate_nprobe
+from rvqstore.errors import InvalidInputError
+
+from conftest import clustered
+
+
+def _indexes(rq, x, metric="l2", prefix=2):
+    codes = rq.encode(x)
+    norms = rq.norms(codes)
+    ids = np.arange(100, 100 + len(x), dtype=np.int64)
+    flat = FlatCodeIndex(metric, rq, ids, codes, norms)
+    part = PartitionedCodeIndex.group(metric, rq, ids, codes, norms, prefix=prefix)
+    return flat, part
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+
+
+ALL = 10 ** 9  # an nprobe beyond every cell
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_probing_every_cell_equals_the_flat_scan(small_rq, data, queries, prefix, metric):
+    flat, part = _indexes(small_rq, data, metric, prefix)
+    assert part.grouped == len(data) and sorted(part.rows.tolist()) == list(range(len(data)))
+    _same(part.search(queries, k=20, nprobe=ALL), flat.search(queries, k=20))
+    allow = np.random.default_rng(3).random(len(data)) < 0.2
+    _same(part.search(queries, k=20, nprobe=ALL, allow=allow),
+          flat.search(queries, k=20, allow=allow))
+
+
+def test_few_cells_find_most_neighbours_and_scan_less(small_rq, data, queries):
+    flat, part = _indexes(small_rq, data)
+    want = flat.search(queries, k=10).ids
+    got = part.search(queries, k=50, nprobe=len(part.c0) // 8).ids
+    found = np.mean([len(set(w) & set(g)) / 10 for w, g in zip(want, got)])
+    assert found >= 0.9
+    cut = part.search(queries, k=50, nprobe=1).ids
+    assert np.mean([len(set(w) & set(g)) / 10 for w, g in zip(want, cut)]) < found
+
+
+def test_a_selective_filter_visits_more_cells_not_fewer_results(small_rq, data, queries):
+    flat, part = _indexes(small_rq, data)
+    allow = np.zeros(len(data), bool)
+    allow[np.random.default_rng(4).choice(len(data), 15, replace=False)] = True
+    res = part.search(queries, k=10, allow=allow, nprobe=1)
+    assert (res.ids >= 0).all()  # min(k, 15 passing) = 10 every time
+    assert set(res.ids.ravel().tolist()) <= set((100 + np.flatnonzero(allow)).tolist())
+    # a probe takes cells until k rows pass: asked for every passing row, it finds them all
+    _same(part.search(queries, k=15, allow=allow, nprobe=1),
+          flat.search(queries, k=15, allow=allow))
+
+
+def test_appends_deletes_and_truncation_keep_it_equal_to_flat(small_rq, data, queries,
+                                                              monkeypatch):
+    import rvqstore.algo.index as index_module
+
+    monkeypatch.setattr(index_module, "REGROUP_ROWS", 500)
+    flat, part = _indexes(small_rq, data[:2000])
+    for lo, hi in [(2000, 2300), (2300, 3000)]:  # the second regroups
+        codes = small_rq.encode(data[lo:hi])
+        ids = np.arange(100 + lo, 100 + hi, dtype=np.int64)
+        flat.append(ids, codes, small_rq.norms(codes))
+        part.append(ids, codes, small_rq.norms(codes))
+    assert part.grouped == 3000  # regrouped once the tail passed its limit
+    gone = np.arange(100, 3100, 7)
+    flat.remove(gone)
+    part.remove(gone)
+    np.testing.assert_array_equal(part.live(), flat.live())
+    _same(part.search(queries, k=15, nprobe=ALL), flat.search(queries, k=15))
+    for n in (2900, 1000):
+        _same(part.truncated(n).search(queries, k=15, nprobe=ALL),
+              flat.truncated(n).search(queries, k=15))
+
+
+def test_truncating_the_ungrouped_tail_keeps_the_grouping(small_rq, data, queries):
+    codes = small_rq.encode(data)
+    norms = small_rq.norms(codes)
+    ids = np.arange(len(data), dtype=np.int64)
+    part = PartitionedCodeIndex.group("l2", small_rq, ids, codes, norms, tail_from=2500)
+    flat = FlatCodeIndex("l2", small_rq, ids, codes, norms)
+    assert part.grouped == 2500
+    cut = part.truncated(2700)
+    assert cut.grouped == 2500 and cut.cell_of is part.cell_of  # not regrouped
+    _same(cut.search(queries, k=12, nprobe=ALL), flat.truncated(2700).search(queries, k=12))
+
+
+def test_probe_cells_takes_the_nearest_cells_up_to_the_budget():
+    rng = np.random.default_rng(5)
+    K, m = 16, 200
+    lut = rng.standard_normal(2 * K).astype(np.float32)
+    c0, c1 = rng.integers(K, size=m), rng.integers(K, size=m)
+    bias = rng.random(m).astype(np.float32)
+    weight = rng.integers(0, 20, size=m)
+    score = bias + lut[c0] + lut[K + c1]
+    order = np.argsort(score, kind="stable")
+    order = order[weight[order] > 0]
+    for budget in (1, 50, 400, int(weight.sum()), int(weight.sum()) + 10):
+        got = set(kernels.probe_cells(lut, K, c0, c1, True, bias, weight, budget).tolist())
+        need = np.searchsorted(np.cumsum(weight[order]), budget) + 1
+        assert set(order[:need].tolist()) <= got  # the nearest cells reaching the budget
+        assert all(weight[j] > 0 for j in got)
+        # and nothing beyond one bucket past the last one needed
+        width = (score.max() - score.min()) / kernels.PROBE_BUCKETS
+        limit = score[order[min(need, len(order)) - 1]] + width
+        assert all(score[j] <= limit + 1e-6 for j in got)
+
+
+def test_scan_over_ranges_matches_numpy():
+    rng = np.random.default_rng(6)
+    n, S, K = 500, 4, 16
+    codes = rng.integers(K, size=(n, S)).astype(np.uint8)
+    lut = rng.standard_normal(S * K).astype(np.float32)
+    bias = rng.random(n).astype(np.float32)
+    rows = rng.permutation(n).astype(np.int64)
+    allow = rng.random(n) < 0.5
+    starts, ends = np.array([10, 200, 450]), np.array([60, 260, 500])
+    d, i = kernels.scan_topk_ranges(codes, starts, ends, allow, rows, lut, bias, 7)
+    span = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+    span = span[allow[rows[span]]]
+    est = bias[span] + lut[np.arange(S) * K + codes[span]].sum(axis=1)
+    best = np.argsort(est, kind="stable")[:7]
+    np.testing.assert_array_equal(i, span[best])
+    np.testing.assert_allclose(d, est[best], rtol=1e-6)
+
+
+def test_calibration_reaches_its_target_on_held_out_vectors(small_rq, data):
+    _, part = _indexes(small_rq, data)
+    held = np.arange(0, 3000, 50)
+    nprobe, coverage = calibrate_nprobe(part, data[held], part.ids[held], k=10, depth=50,
+                                        target=0.95)
+    assert coverage >= 0.95 and 16 <= nprobe <= len(part.c0)
+    if nprobe > 16:  # the step before fell short
+        smaller, _ = calibrate_nprobe(part, data[held], part.ids[held], k=10, depth=50,
+                                      target=coverage + 1.0, start=16)
+        assert smaller == len(part.c0)  # an unreachable target ends at every cell
+
+
+# -- the store -------------------------------------------------------------------------------
+
+@pytest.fixture
+def big_store(tmp_path):
+    x = clustered(6000, 16, centers=40, seed=11)
+    path = tmp_path / "p.db"
+    with Store.open(path, dim=16, stages=6, codebook_size=16) as s:
+        s.add(x, metadata=[{"u": i % 100} for i in range(len(x))])
+        s.train()
+    return path, x
+
+
+def test_store_partitions_forced_by_cells_and_by_partitions(big_store):
+    path, x = big_store
+    q = x[:30] + 0.01
+    with Store.open(path, partitions=0) as flat:
+        assert flat.info()["partitions"] is None
+        want = flat.search(q, k=10)
+    for parts, prefix in [(16, 1), (256, 2)]:
+        with Store.open(path, partitions=parts) as s:
+            res = s.search(q, k=10)
+            info = s.info()["partitions"]
+            assert info["cells"] == parts and info["stages_per_cell"] == prefix
+            assert info["nprobe_calibrated"] and info["calibration_coverage"] >= 0.99
+            assert sum(len(set(a) & set(b)) for a, b in zip(res.ids, want.ids)) >= 0.95 * 300
+            _same(s.search(q, k=10, nprobe=ALL), want)  # every cell: the flat answer
+            # a filter keeping 1%: as many results as pass, the flat store's answer
+            where = {"u": {"$lt": 1}}
+            _same(s.search(q, k=10, where=where, nprobe=1), flat_answer(path, q, where))
+
+
+def flat_answer(path, q, where):
+    with Store.open(path, partitions=0) as flat:
+        return flat.search(q, k=10, where=where)
+
+
+def test_store_partitions_are_checked(big_store):
+    path, _ = big_store
+    for bad in (3, -1, True, 1.5, "16"):
+        with pytest.raises(InvalidInputError, match="partitions"):
+            Store.open(path, partitions=bad)
+    with Store.open(path, partitions=16) as s:
+        for bad in (0, -2, 2.0, True):
+            with pytest.raises(InvalidInputError, match="nprobe"):
+                s.search(np.zeros(16, np.float32), nprobe=bad)
+
+
+def test_partitioned_reader_sees_other_connections_writes(big_store):
+    path, x = big_store
+    extra = clustered(500, 16, centers=40, seed=12)
+    with Store.open(path, partitions=256) as reader, Store.open(path) as writer:
+        reader.search(x[0], k=5)
+        new = writer.add(extra)
+        res = reader.search(extra[:20], k=1, nprobe=ALL)
+        np.testing.assert_array_equal(res.ids[:, 0], new[:20])
+        writer.delete(new[:10])
+        res = reader.search(extra[:10], k=1, nprobe=ALL)
+        assert not set(res.ids[:, 0].tolist()) & set(new[:10].tolist())
+        own = reader.add(extra[:5] + 5.0)
+        np.testing.assert_array_equal(reader.search(extra[:5] + 5.0, k=1).ids[:, 0], own)
