@@ -243,7 +243,8 @@ if a["queries"]:
 else:
     q = np.random.default_rng(1).standard_normal((a["n_queries"], a["dim"])).astype(np.float32)
 t1 = time.perf_counter()
-store = Store.open(a["path"], readonly=a["readonly"], mmap_originals=a["mmap"])
+store = Store.open(a["path"], readonly=a["readonly"], mmap_originals=a["mmap"],
+                   partitions=a.get("partitions"))
 store.search(q[0], k=10)
 first = time.perf_counter() - t1
 t2 = time.perf_counter()
@@ -258,13 +259,14 @@ print(json.dumps(dict(rvqstore=rvqstore.__file__, import_s=t_import, open_first_
 """
 
 
-def fresh_process(path, *, queries=None, dim=None, n_queries=1, readonly=False, mmap=False):
+def fresh_process(path, *, queries=None, dim=None, n_queries=1, readonly=False, mmap=False,
+                  partitions=None):
     """Time, in a new interpreter, ``import numpy, rvqstore`` and then ``Store.open`` + the
     first ``search`` (k=10, default rerank), as a user meets them; then ``n_queries - 1``
     more queries. ``queries`` is a .npy file (else seeded Gaussian queries of ``dim``).
     Returns the child's measurements (seconds, ms/query, resident bytes, index bytes)."""
     spec = dict(path=str(path), queries=str(queries) if queries else None, dim=dim,
-                n_queries=n_queries, readonly=readonly, mmap=mmap)
+                n_queries=n_queries, readonly=readonly, mmap=mmap, partitions=partitions)
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=REPO,
                          capture_output=True, text=True)
     if out.returncode:
