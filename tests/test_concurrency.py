@@ -83,7 +83,7 @@ def apply(store, op):
         getattr(store, kind)()
 
 
-def read(path):
+def read(path, partitions=None):
     """The reader process: search until the final state is seen, checking every answer.
 
     Prints "seen i" each time the last step it can have seen grows; an inconsistency raises
@@ -106,7 +106,7 @@ def read(path):
 
     q = np.stack([batch_vectors(0)[0], batch_vectors(INIT + ROUNDS - 1)[0]])
     lo, shown, distinct, last = 0, -1, 0, None
-    with Store.open(path, readonly=True) as s:
+    with Store.open(path, readonly=True, partitions=partitions) as s:
         while lo < final:
             lo = place(s.ids(), lo, "ids()")
             n = len(s)
@@ -128,6 +128,11 @@ def read(path):
                 print("seen", hi, flush=True)
                 shown = hi
     print("final", distinct, flush=True)
+
+
+def read_partitioned(path):
+    """:func:`read` through a partitioned index (cells of the first two stages: 16**2)."""
+    read(path, partitions=256)
 
 
 def write(path):
@@ -199,13 +204,14 @@ def run_readers_and_writer(tmp_path, path, final, reader, writer, step=STEP):
     return distinct
 
 
-def test_readers_in_other_processes_see_only_whole_committed_states(tmp_path):
+@pytest.mark.parametrize("reader", ["read", "read_partitioned"])
+def test_readers_in_other_processes_see_only_whole_committed_states(tmp_path, reader):
     path = tmp_path / "c.db"
     with Store.open(path, dim=DIM, stages=4, codebook_size=16, block_size=32) as s:
         for b in range(INIT):
             s.add(batch_vectors(b), ids=batch_ids(b))
     final = len(plan())
-    distinct = run_readers_and_writer(tmp_path, path, final, "read", "write")
+    distinct = run_readers_and_writer(tmp_path, path, final, reader, "write")
     # each reader met the writer at every step, so it saw at least that many states
     assert min(d[0] for d in distinct) >= final // STEP, distinct
     with Store.open(path) as s:

@@ -307,6 +307,14 @@ def check_after_kill(path, mode, done, rng):
         version = r.info()["codebook_version"]
         ids = r.ids()
         assert r.search(batch_vectors(0)[0], k=1).ids.shape == (1,)
+    # the codes as a partitioned reader groups them: probing every cell, the flat answer
+    q = np.stack([batch_vectors(b)[0] for b in (0, 1, 2)])
+    with Store.open(path, readonly=True, partitions=CODEBOOK ** 2) as p, \
+            Store.open(path, readonly=True, partitions=0) as f:
+        a, b = p.search(q, k=10, rerank=1, nprobe=10 ** 9), f.search(q, k=10, rerank=1)
+        assert np.array_equal(a.distances, b.distances)
+        for ia, ib, d in zip(a.ids, b.ids, b.distances):  # equal codes tie: any order
+            assert set(ia[d < d[-1]].tolist()) == set(ib[d < d[-1]].tolist())
     with Store.open(path) as s:  # a writer drops what a killed retrain left
         assert s.check() == []
         assert s.info()["codebook_version"] == version
