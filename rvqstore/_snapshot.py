@@ -115,8 +115,12 @@ def load(db, config: Config, old, partitions=None):
         raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
                            f"store {count} and {len(dead)} deleted: the file is corrupted")
     nblocks = first + nread
-    kept = arranged(kept, cell_prefix(partitions, config, count),
-                    max(nblocks - 1, 0) * config.block_size)
+    # the last block stays ungrouped (others' appends rewrite it) unless that leaves more
+    # rows ungrouped than an index regroups at
+    tail_from = max(nblocks - 1, 0) * config.block_size
+    if len(kept.ids) - tail_from > len(kept.ids) // 8:
+        tail_from = None
+    kept = arranged(kept, cell_prefix(partitions, config, count), tail_from)
     cols = None
     if first and old.columns is not None and old.metadata_epoch == meta_epoch:
         start = first * config.block_size

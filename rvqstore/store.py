@@ -269,7 +269,9 @@ class Store:
         -------
         ExactIndex (untrained: ``ids``, ``vectors``, ``norms``) or FlatCodeIndex (trained:
         ``rq``, ``ids`` int64 (n,), ``codes`` uint8 (n, stages), ``norms`` float32 (n,),
-        ``bias`` float32 (n,), +inf for deleted rows); both have ``nbytes``. Read-only:
+        ``bias`` float32 (n,), +inf for deleted rows), or PartitionedCodeIndex (the same
+        grouped by cell: ``codes``, ``norms`` and ``bias`` by position, ``rows`` the row of
+        each position; see ``Store.open(partitions=)``); all have ``nbytes``. Read-only:
         the store updates it in place after its own writes.
         """
         return self._current().index
@@ -670,8 +672,7 @@ class Store:
         if self.metric == "cosine":
             queries = algo.search.normalize(queries)
         index.nprobe, index.calibration = calibrate_nprobe(
-            index, queries, ids[keep], k=10, depth=10 * AUTO_RERANK[0],
-            target=self.CALIBRATION_TARGET)
+            index, queries, ids[keep], k=10, target=self.CALIBRATION_TARGET)
 
     def _fused(self, q, res, fts, k, allow):
         """Reciprocal rank fusion of the vector ranking ``res`` (one query) and the keyword

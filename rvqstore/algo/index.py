@@ -171,8 +171,8 @@ class PartitionedCodeIndex:
     K = 256). A query's probe scores every non-empty cell by the ADC estimate of its centre
     (the prefix's reconstruction, exact-form: the same table as the scan) and scans the
     rows of the nearest cells, contiguous in memory, until it has scanned ``nprobe``
-    average cells' worth of rows (and at least the k asked for); the estimates are the flat index's, over a few percent
-    of the rows. Under an allow-mask it counts passing rows only, so a selective or
+    average cells' worth of rows (and at least the k asked for); the estimates are the
+    flat index's, over a few percent of the rows. Under an allow-mask it counts passing rows only, so a selective or
     anti-correlated filter visits more cells instead of returning fewer results.
 
     Rows (the store's order, as :class:`FlatCodeIndex` holds them) are kept in memory by
@@ -346,23 +346,40 @@ regroups (or an eighth of the grouped rows, whichever is more)."""
 _NO_MASK = np.empty(0, np.bool_)
 
 
-def calibrate_nprobe(index, queries, own, *, k, depth, target=0.98, start=16, step=1.4):
-    """The least ``nprobe`` (from ``start``, growing by ``step``) at which a partitioned
-    index's ``depth`` candidates hold ``target`` of each query's k nearest by the codes
-    (what scanning every row would rank first), on average.
+def calibrate_nprobe(index, queries, own, *, k, target=0.99):
+    """The least ``nprobe`` at which a partitioned index's probe would reach ``target`` of
+    the queries' k nearest by the codes (what scanning every row ranks first), over all
+    queries together.
 
     queries : float32 (nq, d), stored vectors (held out of their own answers: ``own``,
-    int64 (nq,), their ids). Returns (nprobe, coverage reached).
+    int64 (nq,), their ids). Each such neighbour is found once the probe has taken its
+    cell, that is once it has scanned the rows of every cell whose centre scores no worse;
+    the budget reaching ``target`` of them, in average cells' worth of rows, is the answer
+    (the probe's buckets only add rows). Returns (nprobe, share of neighbours it reaches).
     """
-    cells = len(index.c0)
-    everything = max(cells, 1) * 2
-    full = index.search(queries, k=k + 1, nprobe=everything)
-    truth = [[i for i in row if i >= 0 and i != o][:k] for row, o in zip(full.ids.tolist(), own)]
-    nprobe = start
-    while True:
-        res = index.search(queries, k=depth, nprobe=nprobe)
-        found = [len(set(t) & set(r)) / max(len(t), 1) for t, r in zip(truth, res.ids.tolist())]
-        coverage = float(np.mean(found)) if found else 1.0
-        if coverage >= target or nprobe >= cells:
-            return nprobe, coverage
-        nprobe = min(cells, max(nprobe + 1, int(nprobe * step)))
+    m = len(index.c0)
+    if m == 0 or not len(queries):
+        return DEFAULT_NPROBE, None
+    K, n = index.rq.codebook_size, len(index.rows)
+    full = FlatCodeIndex(index.metric, index.rq, index.rows, index.codes, index.norms,
+                         index.bias).search(queries, k=k + 1)  # ids: positions' rows
+    sizes = np.diff(index.starts)
+    lut, _ = index.rq.lut(queries, index.metric)
+    need = []
+    for q in range(len(queries)):
+        rows = [r for r in full.ids[q].tolist() if r >= 0 and index.ids[r] != own[q]][:k]
+        score = index.cell_bias + lut[q, index.c0]
+        if index.prefix == 2:
+            score = score + lut[q, K + index.c1]
+        for r in rows:
+            at = index.pos[r]
+            if at >= index.grouped:  # appended since the grouping: every query scans it
+                need.append(0)
+            else:
+                need.append(int(sizes[score <= score[index.cell_of[at]]].sum()))
+    if not need:
+        return DEFAULT_NPROBE, None
+    budget = float(np.quantile(np.asarray(need, np.float64), target, method="higher"))
+    nprobe = max(1, int(np.ceil(budget * m / max(index.grouped, 1))))
+    reached = float(np.mean(np.asarray(need) <= budget))
+    return min(nprobe, m), reached
