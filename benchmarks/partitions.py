@@ -3,6 +3,7 @@
     python -m benchmarks.partitions DATASET_DIR [--sets dev,mix,clusters] [--n 1000000]
                                                 [--work /tmp/rvqstore-partitions]
                                                 [--peers faiss,lancedb|none]
+                                                [--originals float32|float16]
 
 Sets: ``dev`` is DATASET_DIR's base vectors (real sentence embeddings) with its queries and
 exact ground truth. ``mix`` is ``--n`` sparse mixtures of two real base vectors plus small
@@ -88,7 +89,7 @@ def exact_truth(chunks, queries, k=10):
     return best_i
 
 
-def build(path, chunks, dim):
+def build(path, chunks, dim, originals="float32"):
     """Build the store at ``path`` once (add, then train: encode everything); its build
     figures are kept in ``path.json``."""
     meta = Path(str(path) + ".json")
@@ -97,7 +98,7 @@ def build(path, chunks, dim):
     path.unlink(missing_ok=True)
     t = time.perf_counter()
     n = 0
-    with Store.open(path, dim=dim, stages=16, durable=False) as store:
+    with Store.open(path, dim=dim, stages=16, durable=False, originals=originals) as store:
         for x in chunks():
             store.add(x)
             n += len(x)
@@ -155,7 +156,10 @@ def main(argv=None):
     p.add_argument("--sets", default="dev,mix,clusters")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--work", default="/tmp/rvqstore-partitions")
-    p.add_argument("--peers", default="faiss,lancedb")
+    p.add_argument("--peers", default="faiss,lancedb",
+                   help="on sets of at most 2,000,000 vectors (they hold them in RAM)")
+    p.add_argument("--originals", default="float32", choices=["float32", "float16"],
+                   help="how the built stores keep originals (float16 halves a 10M file)")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -175,8 +179,9 @@ def main(argv=None):
             if not truth.exists():
                 np.save(truth, exact_truth(chunks, queries))
             gt = np.load(truth)
-        path = work / f"{kind}-{args.n if kind != 'dev' else len(base)}.db"
-        figures = build(path, chunks, base.shape[1])
+        suffix = "" if args.originals == "float32" else f"-{args.originals}"
+        path = work / f"{kind}-{args.n if kind != 'dev' else len(base)}{suffix}.db"
+        figures = build(path, chunks, base.shape[1], args.originals)
         qfile = work / f"{kind}-queries.npy"
         np.save(qfile, queries)
         with Threads(1) as threads:
@@ -200,7 +205,7 @@ def main(argv=None):
             f"resident after 50 queries {fresh[0][1] / 2**20:,.0f} MiB flat (index "
             f"{fresh[0][2] / 2**20:,.0f} MiB), {fresh[K_CELLS][1] / 2**20:,.0f} MiB "
             f"partitioned (index {fresh[K_CELLS][2] / 2**20:,.0f} MiB)")
-        if kind != "dev" and args.peers != "none":
+        if kind != "dev" and args.peers != "none" and args.n <= 2_000_000:
             from . import peers_big
 
             x = np.concatenate(list(chunks()))

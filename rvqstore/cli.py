@@ -474,6 +474,12 @@ def retrain(db, quiet):
 @click.option("--rerank", type=int, metavar="N",
               help="Rerank k x N candidates exactly; 1: codes alone [default: as deep as the "
                    "codes' error requires].")
+@click.option("--nprobe", type=int, metavar="N",
+              help="A partitioned store (200,000 vectors or more) scans the codes of the "
+                   "cells nearest each query, N average cells' worth [default: the store's "
+                   "calibrated nprobe, see info].")
+@click.option("--stages", type=int, metavar="S",
+              help="Rank the codes by their first S stages only [default: all].")
 @click.option("--exclude-self", is_flag=True,
               help="With --key or --id: leave the item itself out of its results.")
 @_where("Only items whose metadata passes this filter, a JSON object such as "
@@ -485,8 +491,8 @@ def retrain(db, quiet):
 @click.option("--format", "fmt", type=click.Choice(FORMATS),
               help="Format of QUERYFILE [default: as for add].")
 @_output
-def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, text,
-           with_metadata, with_documents, fmt, as_json, as_csv):
+def search(db, queryfile, vector, key, id_, k, rerank, nprobe, stages, exclude_self, where,
+           text, with_metadata, with_documents, fmt, as_json, as_csv):
     """The k nearest stored vectors of each query.
 
     Give the queries as QUERYFILE (any format add reads; - for stdin), or one query
@@ -521,7 +527,8 @@ def search(db, queryfile, vector, key, id_, k, rerank, exclude_self, where, text
         else:
             self_id = int(store.ids_for_keys([key])[0]) if key is not None else id_
             queries = store.get([self_id])
-        res = store.search(queries, k=k, rerank=rerank, with_keys=True, where=where, text=text,
+        res = store.search(queries, k=k, rerank=rerank, nprobe=nprobe, stages=stages,
+                           with_keys=True, where=where, text=text,
                            with_metadata=with_metadata, with_documents=with_documents,
                            exclude=[self_id] if exclude_self else None)
     rows = [{"query": q, **row} for q in range(len(queries))

@@ -540,7 +540,8 @@ class Store:
 
     @_translated
     def search(self, queries, *, k=10, rerank=None, where=None, text=None, exclude=None,
-               nprobe=None, with_keys=False, with_metadata=False, with_documents=False):
+               nprobe=None, stages=None, with_keys=False, with_metadata=False,
+               with_documents=False):
         """The k nearest stored vectors of each query (among those passing ``where``).
 
         Parameters
@@ -570,6 +571,10 @@ class Store:
             store's default, calibrated on the first such search so that the candidates
             hold 99% of what scanning every code would rank first (``info()["partitions"]``
             says which). Ignored by a store that scans every code.
+        stages : int in [1, stages] or None: rank the codes by their first ``stages``
+            stages only (an RVQ prefix is a coarser code of the same vector: fewer table
+            lookups per code, a rougher estimate, so the adaptive rerank reads deeper).
+            None: every stage. Ignored before training.
         with_keys, with_metadata, with_documents : bool, also return those of the results
 
         Returns
@@ -597,6 +602,12 @@ class Store:
         if nprobe is not None and (isinstance(nprobe, bool) or
                                    not isinstance(nprobe, (int, np.integer)) or nprobe < 1):
             raise InvalidInputError(f"nprobe must be an integer >= 1, got {nprobe!r}")
+        if stages is not None and (isinstance(stages, bool) or
+                                   not isinstance(stages, (int, np.integer)) or
+                                   not 1 <= stages <= self.config.stages):
+            raise InvalidInputError(f"stages must be an integer in [1, {self.config.stages}] "
+                                    f"(the store's stages), got {stages!r}")
+        stages = None if stages is None else int(stages)
         fts = None if text is None else _text_query(text)
         if fts is not None and len(q) != 1:
             raise InvalidInputError(f"text= (hybrid search) takes one query vector, got {len(q)}")
@@ -627,10 +638,10 @@ class Store:
                     self._calibrate(index)
                 # more candidates than rows would only allocate padding
                 res = index.search(q, k=max(min(depth, len(index.ids)), 1), allow=allow,
-                                   nprobe=nprobe)
+                                   nprobe=nprobe, stages=stages)
                 if adaptive:
                     depths = algo.search.rerank_depths(q, res.distances, k=k, metric=self.metric,
-                                                       rms_error=index.rms_error,
+                                                       rms_error=index.error_of(stages),
                                                        floor=k * AUTO_RERANK[0])
                     cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
                     res = SearchResult(np.where(cut, -1, res.ids), res.distances)

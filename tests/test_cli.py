@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import rvqstore
-from rvqstore import benchmark
+from rvqstore import Store, benchmark
 from rvqstore.algo import exact_search
 from rvqstore.cli import _Progress, main
 from rvqstore.inputs import MAX_ID, InputFileError, parse_vector, read_vectors
@@ -160,6 +160,20 @@ def test_add_train_then_search_by_vector(db, vectors):
     rows = json.loads(run("search", db, "--vector", q, "-k", "5", "--rerank", "1", "--json"))
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["query"] == 0 and r["key"] == f"doc-{r['id']}" for r in rows)
+
+
+def test_search_by_a_prefix_of_the_codes_and_nprobe(db, vectors):
+    q = json.dumps(vectors[42].tolist())
+    rows = json.loads(run("search", db, "--vector", q, "-k", "5", "--rerank", "1",
+                          "--stages", "1", "--nprobe", "3", "--json"))
+    with Store.open(db, readonly=True) as store:
+        want = store.search(vectors[42], k=5, rerank=1, stages=1)
+    assert [r["id"] for r in rows] == want.ids.tolist()
+    np.testing.assert_allclose([r["distance"] for r in rows], want.distances, rtol=1e-6)
+    assert "stages must be an integer in [1, " in fails("search", db, "--vector", q,
+                                                        "--stages", "99")
+    assert "nprobe must be an integer >= 1" in fails("search", db, "--vector", q,
+                                                     "--nprobe", "0")
 
 
 def test_search_like_a_stored_item(db, vectors):

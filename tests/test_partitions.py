@@ -217,3 +217,63 @@ def test_partitioned_reader_sees_other_connections_writes(big_store):
         assert not set(res.ids[:, 0].tolist()) & set(new[:10].tolist())
         own = reader.add(extra[:5] + 5.0)
         np.testing.assert_array_equal(reader.search(extra[:5] + 5.0, k=1).ids[:, 0], own)
+
+
+# -- ranking by a prefix of the codes (search(stages=)) -------------------------------------
+
+def _prefix_truth(rq, codes, queries, stages, metric, k):
+    """Exact-form ADC of the first ``stages`` stages by decoding them: for L2 the distance
+    to the prefix's reconstruction, for inner products minus the inner product."""
+    xs = rq.decode(codes, stages)
+    if metric == "l2":
+        d = ((queries[:, None, :] - xs[None, :, :]) ** 2).sum(axis=2)
+    else:
+        d = -queries @ xs.T
+    return np.sort(d, axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("stages", [1, 3, 5])
+def test_a_prefix_ranks_by_its_own_reconstruction(small_rq, data, queries, metric, stages):
+    flat, part = _indexes(small_rq, data, metric)
+    codes = small_rq.encode(data)
+    want = _prefix_truth(small_rq, codes, queries, stages, metric, 15)
+    for index in (flat, part):
+        got = index.search(queries, k=15, nprobe=ALL, stages=stages)
+        np.testing.assert_allclose(got.distances, want, rtol=1e-4, atol=1e-3)
+    # every stage is the whole code
+    _same(flat.search(queries, k=15, stages=6), flat.search(queries, k=15))
+
+
+def test_a_prefix_never_returns_deleted_rows_and_is_coarser(small_rq, data, queries):
+    flat, part = _indexes(small_rq, data)
+    for index in (flat, part):
+        first = index.search(queries, k=10, nprobe=ALL, stages=2).ids
+        gone = np.unique(first[:, :3])
+        index.remove(gone)  # after the prefix's terms were computed: they must drop them too
+        again = index.search(queries, k=10, nprobe=ALL, stages=2).ids
+        assert not np.isin(again, gone).any()
+        errors = [index.error_of(s) for s in (1, 2, 4)] + [index.error_of(None)]
+        assert errors == sorted(errors, reverse=True) and errors[0] > errors[-1]
+
+
+def test_store_search_by_a_prefix(big_store):
+    path, x = big_store
+    q = x[:40] + 0.01
+    with Store.open(path, partitions=0) as s:
+        full = s.search(q, k=10, rerank=1)
+        coarse = s.search(q, k=10, rerank=1, stages=2)
+        read = s.info()["search_plans"]["originals_read"]
+        s.search(q, k=10)
+        whole = s.info()["search_plans"]["originals_read"] - read
+        reranked = s.search(q, k=10, stages=2)
+        prefix = s.info()["search_plans"]["originals_read"] - read - whole
+        assert prefix > 1.5 * whole  # its error margin is the prefix's, wider
+        exact = s.search(q, k=10, rerank=50)
+        assert not np.array_equal(full.ids, coarse.ids)  # the prefix ranks differently
+        # the adaptive rerank reads deeper for the coarser estimate and stays exact-ish
+        found = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(reranked.ids, exact.ids)])
+        assert found >= 0.95
+        for bad in (0, 7, 2.0, True, "2"):
+            with pytest.raises(InvalidInputError, match="stages"):
+                s.search(q, k=10, stages=bad)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .quantizers import ResidualQuantizer
 from . import kernels
-from .search import SearchResult, adc_search, exact_search
+from .search import SearchResult, adc_search, exact_search, prefix_table
 
 
 class CodeIndex(Protocol):
@@ -27,9 +27,10 @@ class CodeIndex(Protocol):
         """Bytes held in memory."""
 
     def search(self, queries: np.ndarray, *, k: int, allow: Optional[np.ndarray] = None,
-               nprobe: Optional[int] = None) -> SearchResult:
+               nprobe: Optional[int] = None, stages: Optional[int] = None) -> SearchResult:
         """The k best rows for each query as store ids (padded with -1/+inf); ``nprobe``
-        bounds how much of a partitioned index a query visits (others scan everything)."""
+        bounds how much of a partitioned index a query visits (others scan everything);
+        ``stages`` ranks code indexes by their first stages only (exact ones ignore it)."""
 
     def remove(self, ids: np.ndarray) -> None:
         """Stop returning ``ids`` (deleted)."""
@@ -39,6 +40,52 @@ class CodeIndex(Protocol):
 
     def truncated(self, n: int) -> "CodeIndex":
         """The first ``n`` rows (a reader drops the tail it is about to re-read)."""
+
+
+PREFIX_SAMPLE = 4096
+"""Rows decoded to measure how much coarser a prefix of the codes is (see _Prefixes)."""
+
+
+class _Prefixes:
+    """What ranking by the first s stages of a code index needs, computed once per s: the
+    per-row term of the estimate (for L2 ``||x^_s||^2``, the prefix's own norm, so the ADC
+    stays exact-form; +inf where the row is deleted) and the prefix's RMS error per
+    dimension (the codes' own plus what the later stages add, measured on a sample)."""
+
+    def __init__(self):
+        self._done = {}
+
+    def get(self, index, stages, bias, codes):
+        """(bias, rms_error) for ``stages``; ``bias`` and ``codes`` by the index's rows."""
+        if stages not in self._done:
+            if index.metric == "l2":
+                term = index.rq.prefix_norms(codes, stages)
+                term[~np.isfinite(bias)] = np.inf
+            else:
+                term = bias.copy()
+            live = np.flatnonzero(np.isfinite(bias))
+            pick = live if len(live) <= PREFIX_SAMPLE else \
+                np.random.default_rng(0).choice(live, PREFIX_SAMPLE, replace=False)
+            extra = 0.0
+            if len(pick):
+                c = codes[np.sort(pick)]
+                gap = index.rq.decode(c) - index.rq.decode(c, stages)
+                extra = float(np.einsum("ij,ij->", gap, gap)) / len(pick) / index.rq.dim
+            self._done[stages] = (term, float(np.sqrt(index.rms_error ** 2 + extra)))
+        return self._done[stages]
+
+    def drop(self, at):
+        """Rows at ``at`` were deleted."""
+        for term, _ in self._done.values():
+            term[at] = np.inf
+
+
+def _prefix_terms(index, stages, bias, codes):
+    """(codes, bias, rms_error) a search of ``index`` ranks by for ``stages`` (None: all)."""
+    if stages is None or stages >= codes.shape[1]:
+        return codes, bias, index.rms_error
+    term, rms = index.prefixes.get(index, stages, bias, codes)
+    return codes[:, :stages], term, rms
 
 
 def _to_store_ids(res, row_ids):
@@ -66,7 +113,7 @@ class ExactIndex:
     def nbytes(self):
         return self.ids.nbytes + self.vectors.nbytes + self.norms.nbytes
 
-    def search(self, queries, *, k, allow=None, nprobe=None):
+    def search(self, queries, *, k, allow=None, nprobe=None, stages=None):
         vectors, norms, row_ids = self.vectors, self.norms, self.ids
         if allow is not None:
             vectors, norms, row_ids = vectors[allow], norms[allow], row_ids[allow]
@@ -110,11 +157,16 @@ class FlatCodeIndex:
     norms: np.ndarray
     bias: np.ndarray = field(default=None)
     rms_error: float = 0.0
+    prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
 
     def __post_init__(self):
         self.codes = np.ascontiguousarray(self.codes)
         if self.bias is None:
             self.bias = self._bias_of(self.norms)
+
+    def error_of(self, stages=None):
+        """The RMS error per dimension of ranking by the first ``stages`` stages."""
+        return _prefix_terms(self, stages, self.bias, self.codes)[2]
 
     def _bias_of(self, norms):
         return norms.copy() if self.metric == "l2" else np.zeros(len(norms), np.float32)
@@ -123,22 +175,26 @@ class FlatCodeIndex:
     def nbytes(self):
         return self.ids.nbytes + self.codes.nbytes + self.norms.nbytes + self.bias.nbytes
 
-    def search(self, queries, *, k, allow=None, nprobe=None):
+    def search(self, queries, *, k, allow=None, nprobe=None, stages=None):
         # under an allow-mask only the passing rows are scanned: a selective filter makes
         # the scan cheaper, not just its answer shorter
         rows = None if allow is None else np.flatnonzero(allow)
+        _, bias, _ = _prefix_terms(self, stages, self.bias, self.codes)
         res = adc_search(self.rq, self.codes, queries, k=k, metric=self.metric,
-                         bias=self.bias, rows=rows)
+                         bias=bias, rows=rows, stages=stages)
         return _to_store_ids(res, self.ids)
 
     def append(self, ids, codes, norms):
+        self.prefixes = _Prefixes()
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
         self.norms = np.concatenate([self.norms, norms])
         self.bias = np.concatenate([self.bias, self._bias_of(norms)])
 
     def remove(self, ids):
-        self.bias[np.isin(self.ids, ids)] = np.inf
+        at = np.isin(self.ids, ids)
+        self.bias[at] = np.inf
+        self.prefixes.drop(at)
 
     def live(self):
         return np.isfinite(self.bias)
@@ -202,6 +258,7 @@ class PartitionedCodeIndex:
     cell_bias: np.ndarray = field(default=None)  # float32 (m,)
     pos: np.ndarray = field(default=None)
     calibration: Optional[float] = None  # coverage the default nprobe reached, when calibrated
+    prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
 
     @classmethod
     def group(cls, metric, rq, ids, codes, norms, *, bias=None, rms_error=0.0, prefix=2,
@@ -262,7 +319,11 @@ class PartitionedCodeIndex:
         live = np.isfinite(self.bias[:self.grouped])
         return np.bincount(self.cell_of[live], minlength=len(self.c0))
 
-    def search(self, queries, *, k, allow=None, nprobe=None):
+    def error_of(self, stages=None):
+        """The RMS error per dimension of ranking by the first ``stages`` stages."""
+        return _prefix_terms(self, stages, self.bias, self.codes)[2]
+
+    def search(self, queries, *, k, allow=None, nprobe=None, stages=None):
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")
@@ -276,6 +337,8 @@ class PartitionedCodeIndex:
             weight = kernels.count_by_cell(self.cell_of, mask, self.rows, m)
         lut, const = self.rq.lut(queries, self.metric)
         lut = np.ascontiguousarray(lut, np.float32)
+        codes, bias, _ = _prefix_terms(self, stages, self.bias, self.codes)
+        scan_lut = prefix_table(lut, self.codes, stages)[0]
         ids = np.full((len(queries), k), -1, np.int64)
         dist = np.full((len(queries), k), np.inf, np.float32)
         two = self.prefix == 2
@@ -286,14 +349,15 @@ class PartitionedCodeIndex:
             if n > self.grouped:  # appended since the grouping: always scanned
                 starts = np.append(starts, self.grouped)
                 ends = np.append(ends, n)
-            d, i = kernels.scan_topk_ranges(self.codes, starts, ends, mask, self.rows, lut[q],
-                                            self.bias, k)
+            d, i = kernels.scan_topk_ranges(codes, starts, ends, mask, self.rows, scan_lut[q],
+                                            bias, k)
             ok = np.isfinite(d)
             ids[q, ok] = self.ids[self.rows[i[ok]]]
             dist[q, ok] = d[ok] + np.float32(const[q])
         return SearchResult(ids, dist)
 
     def append(self, ids, codes, norms):
+        self.prefixes = _Prefixes()
         n = len(self.rows)
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
@@ -315,7 +379,9 @@ class PartitionedCodeIndex:
         self.__dict__.update(fresh.__dict__)
 
     def remove(self, ids):
-        self.bias[self.pos[np.isin(self.ids, ids)]] = np.inf
+        at = self.pos[np.isin(self.ids, ids)]
+        self.bias[at] = np.inf
+        self.prefixes.drop(at)
 
     def live(self):
         return np.isfinite(self.bias[self.pos])

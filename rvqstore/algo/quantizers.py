@@ -228,6 +228,24 @@ class ResidualQuantizer:
         xh = self.decode(codes)
         return np.einsum("ij,ij->i", xh, xh).astype(np.float32)
 
+    def prefix_norms(self, codes, stages, batch=1 << 20):
+        """Squared norms ``||x^_s||^2`` of the first ``stages`` stages' reconstruction:
+        float32 (n,), from the codewords' pairwise inner products (one K x K table per pair
+        of stages, no vector decoded: ~0.2 s per million rows at 8 stages)."""
+        S, K = self.stages, self.codebook_size
+        if not 1 <= stages <= S or codes.ndim != 2 or codes.shape[1] < stages:
+            raise ValueError(f"stages must be in [1, {S}] within the codes, got {stages}")
+        books = self.codebooks.astype(np.float64)
+        out = np.empty(len(codes), np.float32)
+        grams = {(a, b): books[a] @ books[b].T for a in range(stages) for b in range(a, stages)}
+        for start in range(0, len(codes), batch):
+            c = codes[start:start + batch, :stages].astype(np.intp)
+            acc = np.zeros(len(c), np.float64)
+            for (a, b), g in grams.items():
+                acc += (1.0 if a == b else 2.0) * g[c[:, a], c[:, b]]
+            out[start:start + batch] = acc
+        return out
+
     def distortion_per_stage(self, x, codes):
         """Mean squared error of the reconstruction after each stage: float64 (S,)."""
         x = as_matrix(x, dim=self.dim)

@@ -92,7 +92,7 @@ def exact_search(vectors, queries, *, k, metric="l2", batch=256, vector_norms=No
     return SearchResult(ids, dist)
 
 
-def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=None):
+def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=None, stages=None):
     """k nearest stored rows by ADC estimate (among ``rows`` when given).
 
     Parameters
@@ -105,6 +105,8 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=Non
         ``||x^||^2`` per row; a row set to +inf is never returned (deleted).
     rows : int64 (m,) ascending row numbers or None. Only these rows are scanned (a
         filter's passing rows): the scan costs what they cost, not what the store does.
+    stages : int or None, rank by the first ``stages`` stages' codes only (see
+        :func:`prefix_table`); None: all of them
 
     Returns
     -------
@@ -118,7 +120,7 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=Non
             raise InvalidInputError("L2 ADC with this quantizer needs the stored norms as bias")
         bias = np.zeros(n, dtype=np.float32)
     lut, const = quantizer.lut(queries, metric)
-    lut = np.ascontiguousarray(lut, dtype=np.float32)
+    lut, codes = prefix_table(lut, codes, stages)
     threads = numba.get_num_threads()
     if rows is not None and len(queries) == 1 and len(rows) >= SPLIT_ROWS and threads > 1:
         # a lone query over many passing rows: the split scan below, the others masked out
@@ -144,6 +146,21 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=Non
     d = d + const[:, None].astype(np.float32)
     i = np.where(np.isfinite(d), i, -1)
     return SearchResult(i, d)
+
+
+def prefix_table(lut, codes, stages):
+    """The tables (nq, S*K) and codes (n, S) cut to the first ``stages`` stages (None: all).
+
+    An RVQ prefix is a coarser code of the same vector, so its ADC ranks by it: for inner
+    products and cosine the estimate is the prefix's exactly; for L2 it is ``||q||^2 -
+    2 <q, x^_s> + ||x^||^2``, the prefix's inner product with the whole code's norm (the
+    only norm stored), which differs from ``||q - x^_s||^2`` by the norm the later stages
+    add. The codes come back as a view (no copy): the scan reads the first columns."""
+    S = codes.shape[1]
+    if stages is not None and stages < S:
+        K = lut.shape[1] // S
+        lut, codes = lut[:, :stages * K], codes[:, :stages]
+    return np.ascontiguousarray(lut, dtype=np.float32), codes
 
 
 ERROR_Z = 3.0
