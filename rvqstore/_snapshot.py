@@ -9,6 +9,7 @@ reads originals for rerank.
 """
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -61,6 +62,30 @@ def cell_prefix(partitions, config, rows):
     if partitions is None:
         return 2 if rows >= AUTO_PARTITION_ROWS and config.stages >= 2 else None
     return 1 if partitions == config.codebook_size else 2
+
+
+CALIBRATION_KEY = "nprobe_calibration"
+"""The meta row that records a partitioned search's calibrated default nprobe:
+``"<codebook version> <stages per cell> <nprobe> <coverage>"``."""
+
+
+def calibration_text(version, prefix, nprobe, coverage):
+    return f"{int(version)} {int(prefix)} {int(nprobe)} {float(coverage):.6f}"
+
+
+def recorded_calibration(meta, version, prefix, path):
+    """(nprobe, coverage) the file records for codebook ``version`` and cells of ``prefix``
+    stages, or None when it records none for them; a malformed record is a BadFileError."""
+    text = meta.get(CALIBRATION_KEY)
+    if text is None:
+        return None
+    got = re.fullmatch(r"([0-9]{1,19}) ([12]) ([0-9]{1,10}) ([01]\.[0-9]{1,9})", text) \
+        if isinstance(text, str) else None
+    if got is None or int(got[3]) < 1 or float(got[4]) > 1.0:
+        raise BadFileError(f"{path} has a bad {CALIBRATION_KEY}: {str(text)[:80]!r}")
+    if int(got[1]) != version or int(got[2]) != prefix:
+        return None
+    return int(got[3]), float(got[4])
 
 
 def arranged(index, prefix, tail_from):
@@ -121,6 +146,10 @@ def load(db, config: Config, old, partitions=None):
     if len(kept.ids) - tail_from > len(kept.ids) // 8:
         tail_from = None
     kept = arranged(kept, cell_prefix(partitions, config, count), tail_from)
+    if isinstance(kept, PartitionedCodeIndex) and kept.calibration is None:
+        got = recorded_calibration(meta, version, kept.prefix, db.path)
+        if got is not None:
+            kept.nprobe, kept.calibration = got
     cols = None
     if first and old.columns is not None and old.metadata_epoch == meta_epoch:
         start = first * config.block_size

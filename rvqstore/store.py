@@ -442,7 +442,41 @@ class Store:
     def _fit(self, progress):
         _training.fit(self._live(), self.config, progress)
         self._invalidate()
+        if self._partitions or len(self) >= _snapshot.AUTO_PARTITION_ROWS:
+            self.calibrate()
         return self.info()
+
+    @_translated
+    def calibrate(self):
+        """Choose the default ``nprobe`` of partitioned searches on this store's own vectors
+        and record it in the file, for every connection of this codebook version.
+
+        ``train()``/``retrain()`` do this for a store partitioned by default (200,000
+        vectors or more) or opened with ``partitions=``; otherwise the first partitioned
+        search calibrates in memory (on 64 held-out stored vectors: one scan of every
+        code for each, ~0.4 s at a million vectors). Cells are those the connection's
+        ``partitions`` choose (two stages' codes unless K partitions were forced). Returns
+        ``{"nprobe": ..., "coverage": ...}``.
+        """
+        db = self._live()
+        snap = self._current()
+        if not snap.version:
+            raise EmptyStoreError(f"{db.path} is not trained: calibrate() needs codes")
+        prefix = _snapshot.cell_prefix(self._partitions, self.config, snap.count) or \
+            min(2, self.config.stages)
+        index = snap.index
+        if not isinstance(index, PartitionedCodeIndex) or index.prefix != prefix:
+            index = _snapshot.arranged(index, prefix, None)
+        index.calibration = None
+        with db.read():
+            self._calibrate(index)
+        if index.calibration is None:
+            return {"nprobe": index.nprobe, "coverage": None}
+        with db.write():
+            if meta_int(db.meta(), "active_version", db.path) == snap.version:
+                db.set_meta(**{_snapshot.CALIBRATION_KEY: _snapshot.calibration_text(
+                    snap.version, prefix, index.nprobe, index.calibration)})
+        return {"nprobe": index.nprobe, "coverage": index.calibration}
 
     # -- reading ----------------------------------------------------------------------------
 

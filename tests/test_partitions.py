@@ -12,7 +12,7 @@ import pytest
 from rvqstore import Store
 from rvqstore.algo import kernels
 from rvqstore.algo.index import FlatCodeIndex, PartitionedCodeIndex, calibrate_nprobe
-from rvqstore.errors import InvalidInputError
+from rvqstore.errors import BadFileError, InvalidInputError
 
 from conftest import clustered
 
@@ -277,3 +277,58 @@ def test_store_search_by_a_prefix(big_store):
         for bad in (0, 7, 2.0, True, "2"):
             with pytest.raises(InvalidInputError, match="stages"):
                 s.search(q, k=10, stages=bad)
+
+
+# -- the calibrated nprobe, recorded in the file --------------------------------------------
+
+def test_training_a_partitioned_store_records_its_calibration(tmp_path, monkeypatch):
+    import rvqstore.store as store_module
+
+    x = clustered(6000, 16, centers=40, seed=11)
+    path = tmp_path / "cal.db"
+    with Store.open(path, dim=16, stages=6, codebook_size=16, partitions=256) as s:
+        s.add(x)
+        info = s.train()["partitions"]
+    assert info["nprobe_calibrated"] and 0.9 <= info["calibration_coverage"] <= 1.0
+
+    def no_calibration(*a, **kw):
+        raise AssertionError("calibrated again instead of reading the file")
+
+    monkeypatch.setattr(store_module, "calibrate_nprobe", no_calibration)
+    with Store.open(path, readonly=True, partitions=256) as r:
+        r.search(x[0], k=5)
+        got = r.info()["partitions"]
+    assert (got["nprobe"], got["calibration_coverage"]) == (info["nprobe"],
+                                                            info["calibration_coverage"])
+    with Store.open(path, readonly=True, partitions=16) as r:  # other cells: calibrated anew
+        with pytest.raises(AssertionError, match="calibrated again"):
+            r.search(x[0], k=5)
+
+
+def test_a_recorded_calibration_is_read_checked_and_tied_to_its_version(big_store):
+    import sqlite3
+
+    path, x = big_store
+    with Store.open(path, partitions=256) as s:
+        version = s.info()["codebook_version"]
+
+    def record(text):
+        con = sqlite3.connect(path)
+        con.execute("INSERT OR REPLACE INTO rvq_meta VALUES ('nprobe_calibration', ?)", (text,))
+        con.commit()
+        con.close()
+
+    def partitions():
+        with Store.open(path, readonly=True, partitions=256) as r:
+            r.search(x[0], k=5)
+            return r.info()["partitions"]
+
+    record(f"{version} 2 7 0.500000")
+    assert (partitions()["nprobe"], partitions()["calibration_coverage"]) == (7, 0.5)
+    record(f"{version + 1} 2 7 0.500000")  # another version's: calibrated anew
+    assert partitions()["calibration_coverage"] != 0.5
+    for bad in ("1 2 0 0.5", "x", f"{version} 3 7 0.5", f"{version} 2 7 1.5",
+                f"{version} 2 7 0.5; DROP TABLE rvq_meta"):
+        record(bad)
+        with pytest.raises(BadFileError, match="nprobe_calibration"):
+            partitions()
