@@ -66,26 +66,27 @@ def cell_prefix(partitions, config, rows):
 
 CALIBRATION_KEY = "nprobe_calibration"
 """The meta row that records a partitioned search's calibrated default nprobe:
-``"<codebook version> <stages per cell> <nprobe> <coverage>"``."""
+``"<codebook version> <stages per cell> <nprobe> <coverage> <rerank margin z>"``."""
 
 
-def calibration_text(version, prefix, nprobe, coverage):
-    return f"{int(version)} {int(prefix)} {int(nprobe)} {float(coverage):.6f}"
+def calibration_text(version, prefix, nprobe, coverage, error_z):
+    return f"{int(version)} {int(prefix)} {int(nprobe)} {float(coverage):.6f} {float(error_z):.3f}"
 
 
 def recorded_calibration(meta, version, prefix, path):
-    """(nprobe, coverage) the file records for codebook ``version`` and cells of ``prefix``
-    stages, or None when it records none for them; a malformed record is a BadFileError."""
+    """(nprobe, coverage, error_z) the file records for codebook ``version`` and cells of
+    ``prefix`` stages, or None when it records none for them; a malformed record is a
+    BadFileError."""
     text = meta.get(CALIBRATION_KEY)
     if text is None:
         return None
-    got = re.fullmatch(r"([0-9]{1,19}) ([12]) ([0-9]{1,10}) ([01]\.[0-9]{1,9})", text) \
-        if isinstance(text, str) else None
-    if got is None or int(got[3]) < 1 or float(got[4]) > 1.0:
+    got = re.fullmatch(r"([0-9]{1,19}) ([12]) ([0-9]{1,10}) ([01]\.[0-9]{1,9}) "
+                       r"([0-9]{1,2}\.[0-9]{1,6})", text) if isinstance(text, str) else None
+    if got is None or int(got[3]) < 1 or float(got[4]) > 1.0 or not 0 < float(got[5]) <= 10:
         raise BadFileError(f"{path} has a bad {CALIBRATION_KEY}: {str(text)[:80]!r}")
     if int(got[1]) != version or int(got[2]) != prefix:
         return None
-    return int(got[3]), float(got[4])
+    return int(got[3]), float(got[4]), float(got[5])
 
 
 def arranged(index, prefix, tail_from):
@@ -149,7 +150,7 @@ def load(db, config: Config, old, partitions=None):
     if isinstance(kept, PartitionedCodeIndex) and kept.calibration is None:
         got = recorded_calibration(meta, version, kept.prefix, db.path)
         if got is not None:
-            kept.nprobe, kept.calibration = got
+            kept.nprobe, kept.calibration, kept.error_z = got
     cols = None
     if first and old.columns is not None and old.metadata_epoch == meta_epoch:
         start = first * config.block_size

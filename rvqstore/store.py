@@ -19,7 +19,7 @@ from . import _config, _snapshot, _training, _writes
 from . import algo
 from ._config import meta_int
 from .algo import SearchResult
-from .algo.index import PartitionedCodeIndex, calibrate_nprobe
+from .algo.index import FlatCodeIndex, PartitionedCodeIndex, calibrate_nprobe
 from .algo.validate import MAX_K, METRICS, check_k
 from .filters import Filter
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
@@ -475,8 +475,9 @@ class Store:
         with db.write():
             if meta_int(db.meta(), "active_version", db.path) == snap.version:
                 db.set_meta(**{_snapshot.CALIBRATION_KEY: _snapshot.calibration_text(
-                    snap.version, prefix, index.nprobe, index.calibration)})
-        return {"nprobe": index.nprobe, "coverage": index.calibration}
+                    snap.version, prefix, index.nprobe, index.calibration, index.error_z)})
+        return {"nprobe": index.nprobe, "coverage": index.calibration,
+                "error_z": index.error_z}
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -676,7 +677,8 @@ class Store:
                 if adaptive:
                     depths = algo.search.rerank_depths(q, res.distances, k=k, metric=self.metric,
                                                        rms_error=index.error_of(stages),
-                                                       floor=k * AUTO_RERANK[0])
+                                                       floor=k * AUTO_RERANK[0],
+                                                       z=index.error_z)
                     cut = np.arange(res.ids.shape[1])[None, :] >= depths[:, None]
                     res = SearchResult(np.where(cut, -1, res.ids), res.distances)
                 if rerank > 1 or adaptive:
@@ -695,11 +697,20 @@ class Store:
 
     CALIBRATION_QUERIES = 64
     CALIBRATION_TARGET = 0.99
+    RECALL_TARGET = 0.97
+    ERROR_Z_CHOICES = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
     def _calibrate(self, index):
-        """Choose a partitioned index's default nprobe once (per grouping), on stored
-        vectors held out of their own answers (:func:`~rvqstore.calibrate_nprobe`):
-        their originals, or their decoded codes in a store without originals."""
+        """Choose a partitioned index's defaults once (per grouping), on stored vectors held
+        out of their own answers: their originals, or their decoded codes in a store
+        without originals.
+
+        ``nprobe`` reaches CALIBRATION_TARGET of what a scan of every code ranks first
+        (:func:`~rvqstore.calibrate_nprobe`). Then the adaptive rerank's margin: the least
+        of ERROR_Z_CHOICES at which the default search finds RECALL_TARGET of each held-out
+        vector's k nearest (exact, among the scan of every code's top ``k * 50``): the
+        codes' error relative to the gaps between neighbours differs between data sets,
+        and each standard deviation of margin costs reads."""
         if not isinstance(index, PartitionedCodeIndex) or \
                 index.calibration is not None:
             return
@@ -714,10 +725,55 @@ class Store:
             queries = index.rq.decode(index.codes[index.pos[rows]])
         keep = ~np.isnan(queries).any(axis=1)
         queries = np.ascontiguousarray(queries[keep], np.float32)
+        own = ids[keep]
         if self.metric == "cosine":
             queries = algo.search.normalize(queries)
         index.nprobe, index.calibration = calibrate_nprobe(
-            index, queries, ids[keep], k=10, target=self.CALIBRATION_TARGET)
+            index, queries, own, k=10, target=self.CALIBRATION_TARGET)
+        if self.config.keep_originals and len(queries):
+            index.error_z = self._calibrated_z(index, queries, own, k=10)
+
+    def _calibrated_z(self, index, queries, own, k):
+        """The least margin (in standard deviations) of ERROR_Z_CHOICES at which the
+        adaptive rerank at ``index.nprobe`` finds RECALL_TARGET of the held-out ``queries``'
+        k nearest (their own ids ``own`` left out), or comes within half a percent of the
+        best any choice finds when none reaches it."""
+        depth = k * AUTO_RERANK[1] + 1
+        every = FlatCodeIndex(index.metric, index.rq, index.ids[index.rows], index.codes,
+                              index.norms, index.bias).search(queries, k=depth)
+        near = index.search(queries, k=min(depth, len(index.ids)))
+        cache = {}
+
+        def fetch(wanted):
+            missing = np.array([i for i in wanted.tolist() if i not in cache], np.int64)
+            if len(missing):
+                cache.update(zip(missing.tolist(), self._fetch(missing)))
+            return np.stack([cache[i] for i in wanted.tolist()])
+
+        def without_own(res):
+            ids = np.where(res.ids == own[:, None], -1, res.ids)
+            dist = np.where(ids >= 0, res.distances, np.inf).astype(np.float32)
+            order = np.argsort(dist, axis=1, kind="stable")
+            return SearchResult(np.take_along_axis(ids, order, 1),
+                                np.take_along_axis(dist, order, 1))
+
+        truth = algo.rerank(queries, without_own(every).ids, fetch, k=k, metric=self.metric)
+        want = [set(t[t >= 0].tolist()) for t in truth.ids]
+        near = without_own(near)
+        found = {}
+        for z in self.ERROR_Z_CHOICES:
+            depths = algo.search.rerank_depths(queries, near.distances, k=k, metric=self.metric,
+                                               rms_error=index.rms_error,
+                                               floor=k * AUTO_RERANK[0], z=z)
+            cut = np.arange(near.ids.shape[1])[None, :] >= depths[:, None]
+            got = algo.rerank(queries, np.where(cut, -1, near.ids), fetch, k=k,
+                              metric=self.metric).ids
+            found[z] = sum(len(w & set(g.tolist())) for w, g in zip(want, got)) / \
+                max(sum(len(w) for w in want), 1)
+        # where the probe's cells cap the recall below the target, the margin that comes
+        # within half a percent of the best
+        goal = min(self.RECALL_TARGET, max(found.values()) - 0.005)
+        return min(z for z in self.ERROR_Z_CHOICES if found[z] >= goal)
 
     def _fused(self, q, res, fts, k, allow):
         """Reciprocal rank fusion of the vector ranking ``res`` (one query) and the keyword
@@ -889,7 +945,8 @@ class Store:
                 "ungrouped_rows": len(index.rows) - index.grouped,
                 "nprobe": index.nprobe,
                 "nprobe_calibrated": index.calibration is not None,
-                "calibration_coverage": index.calibration}
+                "calibration_coverage": index.calibration,
+                "rerank_error_z": index.error_z}
 
     @_translated
     def check(self):

@@ -175,6 +175,7 @@ def test_store_partitions_forced_by_cells_and_by_partitions(big_store):
     with Store.open(path, partitions=0) as flat:
         assert flat.info()["partitions"] is None
         want = flat.search(q, k=10)
+        want10 = flat.search(q, k=10, rerank=10)
     for parts, prefix in [(16, 1), (256, 2)]:
         with Store.open(path, partitions=parts) as s:
             res = s.search(q, k=10)
@@ -182,7 +183,9 @@ def test_store_partitions_forced_by_cells_and_by_partitions(big_store):
             assert info["cells"] == parts and info["stages_per_cell"] == prefix
             assert info["nprobe_calibrated"] and info["calibration_coverage"] >= 0.99
             assert sum(len(set(a) & set(b)) for a, b in zip(res.ids, want.ids)) >= 0.95 * 300
-            _same(s.search(q, k=10, nprobe=ALL), want)  # every cell: the flat answer
+            # every cell, the same rerank depth (the default margin is calibrated per
+            # store): the flat answer
+            _same(s.search(q, k=10, nprobe=ALL, rerank=10), want10)
             # a filter keeping 1%: as many results as pass, the flat store's answer
             where = {"u": {"$lt": 1}}
             _same(s.search(q, k=10, where=where, nprobe=1), flat_answer(path, q, where))
@@ -298,8 +301,8 @@ def test_training_a_partitioned_store_records_its_calibration(tmp_path, monkeypa
     with Store.open(path, readonly=True, partitions=256) as r:
         r.search(x[0], k=5)
         got = r.info()["partitions"]
-    assert (got["nprobe"], got["calibration_coverage"]) == (info["nprobe"],
-                                                            info["calibration_coverage"])
+    assert (got["nprobe"], got["calibration_coverage"], got["rerank_error_z"]) == (
+        info["nprobe"], info["calibration_coverage"], info["rerank_error_z"])
     with Store.open(path, readonly=True, partitions=16) as r:  # other cells: calibrated anew
         with pytest.raises(AssertionError, match="calibrated again"):
             r.search(x[0], k=5)
@@ -323,12 +326,46 @@ def test_a_recorded_calibration_is_read_checked_and_tied_to_its_version(big_stor
             r.search(x[0], k=5)
             return r.info()["partitions"]
 
-    record(f"{version} 2 7 0.500000")
-    assert (partitions()["nprobe"], partitions()["calibration_coverage"]) == (7, 0.5)
-    record(f"{version + 1} 2 7 0.500000")  # another version's: calibrated anew
+    record(f"{version} 2 7 0.500000 1.250")
+    got = partitions()
+    assert (got["nprobe"], got["calibration_coverage"], got["rerank_error_z"]) == (7, 0.5, 1.25)
+    record(f"{version + 1} 2 7 0.500000 1.250")  # another version's: calibrated anew
     assert partitions()["calibration_coverage"] != 0.5
-    for bad in ("1 2 0 0.5", "x", f"{version} 3 7 0.5", f"{version} 2 7 1.5",
-                f"{version} 2 7 0.5; DROP TABLE rvq_meta"):
+    for bad in ("1 2 0 0.5 2.0", "x", f"{version} 3 7 0.5 2.0", f"{version} 2 7 1.5 2.0",
+                f"{version} 2 7 0.5", f"{version} 2 7 0.5 0.0", f"{version} 2 7 0.5 11.0",
+                f"{version} 2 7 0.5 2.0; DROP TABLE rvq_meta"):
         record(bad)
         with pytest.raises(BadFileError, match="nprobe_calibration"):
             partitions()
+
+
+def test_the_rerank_margin_is_calibrated_to_the_recall_target(big_store, monkeypatch):
+    path, x = big_store
+    chosen = {}
+    for target in (0.0, 0.97, 1.01):
+        monkeypatch.setattr(Store, "RECALL_TARGET", target)
+        with Store.open(path, partitions=256) as s:
+            chosen[target] = s.calibrate()["error_z"]
+    choices = Store.ERROR_Z_CHOICES
+    assert chosen[0.0] == choices[0] and chosen[1.01] == choices[-1]
+    assert chosen[0.0] <= chosen[0.97] <= chosen[1.01]
+
+
+def test_searches_use_the_recorded_margin(big_store):
+    import sqlite3
+
+    path, x = big_store
+    q = x[::60] + 0.05
+    with Store.open(path, partitions=256) as s:
+        version = s.info()["codebook_version"]
+    reads = {}
+    for z in (1.5, 4.0):
+        con = sqlite3.connect(path)
+        con.execute("INSERT OR REPLACE INTO rvq_meta VALUES ('nprobe_calibration', ?)",
+                    (f"{version} 2 40 0.990000 {z}",))
+        con.commit()
+        con.close()
+        with Store.open(path, readonly=True, partitions=256) as r:
+            r.search(q, k=10)
+            reads[z] = r.info()["search_plans"]["originals_read"]
+    assert reads[1.5] < reads[4.0]

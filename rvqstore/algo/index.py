@@ -14,7 +14,7 @@ import numpy as np
 
 from .quantizers import ResidualQuantizer
 from . import kernels
-from .search import SearchResult, adc_search, exact_search, prefix_table
+from .search import ERROR_Z, SearchResult, adc_search, exact_search, prefix_table
 
 
 class CodeIndex(Protocol):
@@ -158,6 +158,7 @@ class FlatCodeIndex:
     bias: np.ndarray = field(default=None)
     rms_error: float = 0.0
     prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
+    error_z: float = ERROR_Z  # the adaptive rerank's margin in standard deviations
 
     def __post_init__(self):
         self.codes = np.ascontiguousarray(self.codes)
@@ -259,10 +260,11 @@ class PartitionedCodeIndex:
     pos: np.ndarray = field(default=None)
     calibration: Optional[float] = None  # coverage the default nprobe reached, when calibrated
     prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
+    error_z: float = ERROR_Z  # the adaptive rerank's margin in standard deviations
 
     @classmethod
     def group(cls, metric, rq, ids, codes, norms, *, bias=None, rms_error=0.0, prefix=2,
-              nprobe=DEFAULT_NPROBE, tail_from=None, calibration=None):
+              nprobe=DEFAULT_NPROBE, tail_from=None, calibration=None, error_z=ERROR_Z):
         """The index of rows given in the store's order (``bias`` as for FlatCodeIndex);
         rows from ``tail_from`` on are left ungrouped (a last code block that appends by
         other connections will rewrite: a reader then re-reads it without regrouping)."""
@@ -306,7 +308,7 @@ class PartitionedCodeIndex:
                    norms[order], np.ascontiguousarray(bias[order], np.float32),
                    order.astype(rows_t), rms_error, prefix, nprobe, head,
                    which[cell[order[:head]]].astype(cell_t), starts, c0, c1, cell_bias, pos,
-                   calibration)
+                   calibration, error_z=error_z)
 
     @property
     def partitions(self):
@@ -381,7 +383,7 @@ class PartitionedCodeIndex:
         fresh = PartitionedCodeIndex.group(
             self.metric, self.rq, self.ids, self.codes[at], self.norms[at], bias=self.bias[at],
             rms_error=self.rms_error, prefix=self.prefix, nprobe=self.nprobe,
-            calibration=self.calibration)
+            calibration=self.calibration, error_z=self.error_z)
         self.__dict__.update(fresh.__dict__)
 
     def remove(self, ids):
@@ -403,12 +405,13 @@ class PartitionedCodeIndex:
                 self.metric, self.rq, self.ids[:n], self.codes[keep], self.norms[keep],
                 self.bias[keep], self.rows[keep], self.rms_error, self.prefix, self.nprobe,
                 self.grouped, self.cell_of, self.starts, self.c0, self.c1, self.cell_bias, pos,
-                self.calibration)
+                self.calibration, error_z=self.error_z)
         at = self.pos[:n]
         return PartitionedCodeIndex.group(self.metric, self.rq, self.ids[:n], self.codes[at],
                                           self.norms[at], bias=self.bias[at].copy(),
                                           rms_error=self.rms_error, prefix=self.prefix,
-                                          nprobe=self.nprobe, calibration=self.calibration)
+                                          nprobe=self.nprobe, calibration=self.calibration,
+                                          error_z=self.error_z)
 
 
 def _row_type(n):

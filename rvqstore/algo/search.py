@@ -167,7 +167,7 @@ ERROR_Z = 3.0
 """How many standard deviations of ADC error an adaptive rerank covers (see rerank_depths)."""
 
 
-def rerank_depths(queries, distances, *, k, metric, rms_error, floor):
+def rerank_depths(queries, distances, *, k, metric, rms_error, floor, z=ERROR_Z):
     """How many of each query's ADC candidates an adaptive rerank reads.
 
     A candidate whose estimate exceeds the k-th best estimate by more than the estimates'
@@ -175,7 +175,8 @@ def rerank_depths(queries, distances, *, k, metric, rms_error, floor):
     decoded vector and ``r = x - x^`` its residual (per-dimension RMS ``rms_error``, from
     the codebooks' measured squared error), an estimate is off by ``2 <q - x^, r> - |r|^2``
     for L2 and ``<q, r>`` for inner products, so the margin is ``ERROR_Z`` standard
-    deviations of that: ``2 z rms sqrt(d_k)`` for L2, ``z rms |q|`` for ip and cosine.
+    deviations of that (``z``, default ERROR_Z): ``2 z rms sqrt(d_k)`` for L2, ``z rms |q|``
+    for ip and cosine.
     Far queries (a filter that keeps only items far from the query) get deeper reranks,
     near ones shallower.
 
@@ -185,9 +186,9 @@ def rerank_depths(queries, distances, *, k, metric, rms_error, floor):
     nq, m = distances.shape
     kth = distances[:, min(k, m) - 1].astype(np.float64)
     if metric == "l2":
-        margin = 2.0 * ERROR_Z * rms_error * np.sqrt(np.maximum(kth, 0.0))
+        margin = 2.0 * z * rms_error * np.sqrt(np.maximum(kth, 0.0))
     else:
-        margin = ERROR_Z * rms_error * np.linalg.norm(queries, axis=1)
+        margin = z * rms_error * np.linalg.norm(queries, axis=1)
     limit = np.where(np.isfinite(kth), kth + margin, np.inf)
     depth = np.array([np.searchsorted(distances[i], limit[i], side="right")
                       for i in range(nq)], np.int64)
