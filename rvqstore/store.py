@@ -456,7 +456,8 @@ class Store:
         search calibrates in memory (on 64 held-out stored vectors: one scan of every
         code for each, ~0.4 s at a million vectors). Cells are those the connection's
         ``partitions`` choose (two stages' codes unless K partitions were forced). Returns
-        ``{"nprobe": ..., "coverage": ...}``.
+        ``{"nprobe", "coverage", "error_z", "recall_by_z"}``: the held-out recall at each
+        margin tried (None in a store without originals, which does not rerank).
         """
         db = self._live()
         snap = self._current()
@@ -477,7 +478,7 @@ class Store:
                 db.set_meta(**{_snapshot.CALIBRATION_KEY: _snapshot.calibration_text(
                     snap.version, prefix, index.nprobe, index.calibration, index.error_z)})
         return {"nprobe": index.nprobe, "coverage": index.calibration,
-                "error_z": index.error_z}
+                "error_z": index.error_z, "recall_by_z": index.recall_by_z}
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -773,6 +774,7 @@ class Store:
         # where the probe's cells cap the recall below the target, the margin that comes
         # within half a percent of the best
         goal = min(self.RECALL_TARGET, max(found.values()) - 0.005)
+        index.recall_by_z = found
         return min(z for z in self.ERROR_Z_CHOICES if found[z] >= goal)
 
     def _fused(self, q, res, fts, k, allow):

@@ -261,6 +261,7 @@ class PartitionedCodeIndex:
     calibration: Optional[float] = None  # coverage the default nprobe reached, when calibrated
     prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
     error_z: float = ERROR_Z  # the adaptive rerank's margin in standard deviations
+    recall_by_z: Optional[dict] = None  # the calibration's held-out recall by margin
 
     @classmethod
     def group(cls, metric, rq, ids, codes, norms, *, bias=None, rms_error=0.0, prefix=2,
