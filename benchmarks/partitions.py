@@ -113,41 +113,53 @@ def build(path, chunks, dim, originals="float32"):
     return figures
 
 
-def measure(path, queries, gt, label):
-    """The table rows of one set: flat, and partitioned at three nprobe."""
-    flat = Store.open(path, readonly=True, partitions=0)
-    part = Store.open(path, readonly=True, partitions=K_CELLS)
+def measure(path, queries, gt, label, flat_too=True):
+    """The table rows of one set: flat, and partitioned at the calibrated defaults, at half
+    and twice nprobe, with a fixed shallow rerank, and reading originals through mmap."""
     t = time.perf_counter()
-    part.search(queries[0], k=10)
+    with Store.open(path, partitions=K_CELLS) as w:  # what train() records today
+        calibration = w.calibrate()
     calibrate_s = time.perf_counter() - t
+    part = Store.open(path, readonly=True, partitions=K_CELLS)
+    mapped = Store.open(path, readonly=True, partitions=K_CELLS, mmap_originals=True)
+    part.search(queries[0], k=10)
     info = part.info()["partitions"]
     default = info["nprobe"]
-    settings = {"every code": (flat, None),
-                f"cells, nprobe {default} (calibrated)": (part, default),
-                f"cells, nprobe {max(default // 2, 1)}": (part, max(default // 2, 1)),
-                f"cells, nprobe {default * 2}": (part, default * 2)}
+    settings = {}
+    if flat_too:
+        flat = Store.open(path, readonly=True, partitions=0)
+        settings["every code"] = (flat, {})
+    settings.update({
+        f"cells, nprobe {default}, margin {info['rerank_error_z']} (calibrated)": (part, {}),
+        f"cells, nprobe {max(default // 2, 1)}": (part, {"nprobe": max(default // 2, 1)}),
+        f"cells, nprobe {default * 2}": (part, {"nprobe": default * 2}),
+        f"cells, nprobe {default}, rerank 5 (50 read)": (part, {"rerank": 5}),
+        f"cells, nprobe {default}, rerank 1 (codes only)": (part, {"rerank": 1}),
+        "cells, calibrated, originals through mmap": (mapped, {}),
+    })
     reads = {}
 
-    def search_one(store, nprobe, name):
-        def one(i):
-            before = store._plans["originals_read"]
-            res = store.search(queries[i], k=10, nprobe=nprobe)
-            reads[name] = reads.get(name, 0) + store._plans["originals_read"] - before
-            return res.ids
-        return one
+    def search_one(store, kw):
+        return lambda i: store.search(queries[i], k=10, **kw).ids
 
-    searches = {name: search_one(s, npb, name) for name, (s, npb) in settings.items()}
+    searches = {name: search_one(s, kw) for name, (s, kw) in settings.items()}
     answers, seconds, cpu = interleaved_runs(searches, len(queries))
+    # originals read per query, counted in an untimed pass (info() is not free)
+    for name, (s, kw) in settings.items():
+        before = s.info()["search_plans"]["originals_read"]
+        for x in queries:
+            s.search(x, k=10, **kw)
+        reads[name] = (s.info()["search_plans"]["originals_read"] - before) / len(queries)
     rows = []
     for name in settings:
         found = np.mean([len(set(a.tolist()) & set(g.tolist())) / 10
                          for a, g in zip(answers[name], gt[:, :10])])
         ms = seconds[name] / len(queries) * 1e3
-        rows.append([label, name, f"{found:.3f}", f"{reads[name] / (4 * len(queries)):.0f}",
+        rows.append([label, name, f"{found:.3f}", f"{reads[name]:.0f}",
                      f"{ms:.2f}", f"{1e3 / ms:,.0f}", f"{cpu[name] / seconds[name]:.2f}"])
-    flat.close()
-    part.close()
-    return rows, info, calibrate_s
+    for s in {id(s): s for s, _ in settings.values()}.values():
+        s.close()
+    return rows, info, calibrate_s, calibration
 
 
 def main(argv=None):
@@ -158,6 +170,8 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/rvqstore-partitions")
     p.add_argument("--peers", default="faiss,lancedb",
                    help="on sets of at most 2,000,000 vectors (they hold them in RAM)")
+    p.add_argument("--flat", default="yes", choices=["yes", "no"],
+                   help="also time the scan of every code (slow at 10M)")
     p.add_argument("--originals", default="float32", choices=["float32", "float16"],
                    help="how the built stores keep originals (float16 halves a 10M file)")
     args = p.parse_args(argv)
@@ -185,7 +199,8 @@ def main(argv=None):
         qfile = work / f"{kind}-queries.npy"
         np.save(qfile, queries)
         with Threads(1) as threads:
-            got, info, calibrate_s = measure(path, queries, gt, label)
+            got, info, calibrate_s, calibration = measure(path, queries, gt, label,
+                                                          flat_too=args.flat != "no")
         rows += got
         fresh = {}
         for parts in (0, K_CELLS):
@@ -198,8 +213,10 @@ def main(argv=None):
             f"train and encode, file {figures['file_bytes'] / 2**20:,.0f} MiB; cells: "
             f"{info['non_empty']:,} non-empty of {info['cells']:,}, {info['rows_per_cell']['mean']:.1f} "
             f"rows on average, largest {info['rows_per_cell']['max']:,}, imbalance "
-            f"{info['imbalance']:.2f}; nprobe {info['nprobe']} calibrated (coverage "
-            f"{info['calibration_coverage']:.3f}) in the first search, {calibrate_s:.2f} s. "
+            f"{info['imbalance']:.2f}; calibrated (Store.calibrate(), {calibrate_s:.1f} s): "
+            f"nprobe {info['nprobe']} (coverage {info['calibration_coverage']:.3f}), rerank "
+            f"margin {info['rerank_error_z']} (held-out recall by margin: "
+            f"{_recalls(calibration)}). "
             f"Fresh process (median of 3, default threads): import {fresh[0][3]:.2f} s; open + "
             f"first query {fresh[0][0]:.2f} s flat, {fresh[K_CELLS][0]:.2f} s partitioned; "
             f"resident after 50 queries {fresh[0][1] / 2**20:,.0f} MiB flat (index "
@@ -210,11 +227,12 @@ def main(argv=None):
 
             x = np.concatenate(list(chunks()))
             if "faiss" in args.peers:
-                peer_rows += [[label] + _peer(r) for r in
-                              peers_big.faiss_ivf_fastscan_refine(x, queries, gt)]
+                peer_rows += [[label] + _peer(r) for r in peers_big.faiss_ivf_fastscan_refine(
+                    x, queries, gt, nprobes=(16, 32, 64, 128), k_factors=(10, 50))]
             if "lancedb" in args.peers:
-                peer_rows += [[label] + _peer(r) for r in
-                              peers_big.lancedb_ivfpq(x, queries, gt, work / f"lance-{kind}")]
+                peer_rows += [[label] + _peer(r) for r in peers_big.lancedb_ivfpq(
+                    x, queries, gt, work / f"lance-{kind}", nprobes=(20, 50, 100),
+                    refine_factors=(10, 50))]
             del x
     print(f"\n# one query per call, k=10, {QUERIES} queries (dev: its own); threads: "
           f"{threads.describe()}\n")
@@ -226,6 +244,10 @@ def main(argv=None):
         print()
         print(markdown_table(["set", "system", "settings", "10-recall@10", "ms/query",
                               "QPS single", "build s", "bytes"], peer_rows))
+
+
+def _recalls(calibration):
+    return ", ".join(f"{z}: {r:.3f}" for z, r in (calibration["recall_by_z"] or {}).items())
 
 
 def _peer(r):
