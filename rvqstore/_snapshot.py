@@ -95,14 +95,14 @@ def arranged(index, prefix, tail_from):
         if isinstance(index, PartitionedCodeIndex):
             at = index.pos
             return FlatCodeIndex(index.metric, index.rq, index.ids, index.codes[at],
-                                 index.norms[at], index.bias[at], index.rms_error)
+                                 None, index.bias[at], index.rms_error)
         return index
     if isinstance(index, PartitionedCodeIndex) and index.prefix == prefix:
         return index
     if isinstance(index, PartitionedCodeIndex):
         index = arranged(index, None, tail_from)
     return PartitionedCodeIndex.group(index.metric, index.rq, index.ids, index.codes,
-                                      index.norms, bias=index.bias, rms_error=index.rms_error,
+                                      None, bias=index.bias, rms_error=index.rms_error,
                                       prefix=prefix, tail_from=tail_from)
 
 

@@ -741,7 +741,7 @@ class Store:
         best any choice finds when none reaches it."""
         depth = k * AUTO_RERANK[1] + 1
         every = FlatCodeIndex(index.metric, index.rq, index.ids[index.rows], index.codes,
-                              index.norms, index.bias).search(queries, k=depth)
+                              None, index.bias).search(queries, k=depth)
         near = index.search(queries, k=min(depth, len(index.ids)))
         cache = {}
 

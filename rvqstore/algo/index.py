@@ -144,8 +144,9 @@ class FlatCodeIndex:
     """Every vector's RVQ codes, scanned in full by ADC.
 
     rq : the codec; ids : int64 (n,); codes : uint8 (n, stages); norms : float32 (n,)
-    ``||x^||^2``; bias : float32 (n,) added to each row's estimate (the norms for l2, 0
-    otherwise; +inf for deleted rows, which are never returned); rms_error : float, the
+    ``||x^||^2``, read only to make ``bias`` when it is not given (then dropped: None);
+    bias : float32 (n,) added to each row's estimate (the norms for l2, 0 otherwise; +inf
+    for deleted rows, which are never returned); rms_error : float, the
     codes' root mean squared error per dimension (how far an estimate may be off, for
     :func:`~rvqstore.algo.search.rerank_depths`).
     """
@@ -164,6 +165,7 @@ class FlatCodeIndex:
         self.codes = np.ascontiguousarray(self.codes)
         if self.bias is None:
             self.bias = self._bias_of(self.norms)
+        self.norms = None  # the bias holds what searches need of them (4 bytes a vector)
 
     def error_of(self, stages=None):
         """The RMS error per dimension of ranking by the first ``stages`` stages."""
@@ -174,7 +176,7 @@ class FlatCodeIndex:
 
     @property
     def nbytes(self):
-        return self.ids.nbytes + self.codes.nbytes + self.norms.nbytes + self.bias.nbytes
+        return self.ids.nbytes + self.codes.nbytes + self.bias.nbytes
 
     def search(self, queries, *, k, allow=None, nprobe=None, stages=None):
         # under an allow-mask only the passing rows are scanned: a selective filter makes
@@ -189,7 +191,6 @@ class FlatCodeIndex:
         self.prefixes = _Prefixes()
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
-        self.norms = np.concatenate([self.norms, norms])
         self.bias = np.concatenate([self.bias, self._bias_of(norms)])
 
     def remove(self, ids):
@@ -201,7 +202,7 @@ class FlatCodeIndex:
         return np.isfinite(self.bias)
 
     def truncated(self, n):
-        return FlatCodeIndex(self.metric, self.rq, self.ids[:n], self.codes[:n], self.norms[:n],
+        return FlatCodeIndex(self.metric, self.rq, self.ids[:n], self.codes[:n], None,
                              self.bias[:n].copy(), self.rms_error)
 
 
@@ -236,9 +237,10 @@ class PartitionedCodeIndex:
     position: positions ``[0, grouped)`` grouped by cell, the later ones appended since
     and scanned by every query until the next regrouping.
 
-    ids : int64 (n,) store id of each row; codes uint8 (n, S), norms, bias float32 (n,)
-    by position; rows int64 (n,) the row at each position, pos its inverse; rms_error as
-    for :class:`FlatCodeIndex`; nprobe : the default for :meth:`search`.
+    ids : int64 (n,) store id of each row; codes uint8 (n, S), bias float32 (n,) by
+    position (norms: None, as in :class:`FlatCodeIndex` once the bias is made); rows (n,)
+    the row at each position, pos its inverse (int32 below 2**31 rows); rms_error as for
+    :class:`FlatCodeIndex`; nprobe : the default for :meth:`search`.
     """
 
     metric: str
@@ -306,7 +308,7 @@ class PartitionedCodeIndex:
         pos[order] = np.arange(n, dtype=rows_t)
         cell_t = np.uint16 if len(nonempty) <= 65536 else rows_t
         return cls(metric, rq, np.asarray(ids, np.int64), np.ascontiguousarray(codes[order]),
-                   norms[order], np.ascontiguousarray(bias[order], np.float32),
+                   None, np.ascontiguousarray(bias[order], np.float32),
                    order.astype(rows_t), rms_error, prefix, nprobe, head,
                    which[cell[order[:head]]].astype(cell_t), starts, c0, c1, cell_bias, pos,
                    calibration, error_z=error_z)
@@ -318,7 +320,7 @@ class PartitionedCodeIndex:
 
     @property
     def nbytes(self):
-        arrays = (self.ids, self.codes, self.norms, self.bias, self.rows, self.pos,
+        arrays = (self.ids, self.codes, self.bias, self.rows, self.pos,
                   self.cell_of, self.starts, self.c0, self.c1, self.cell_bias)
         return sum(a.nbytes for a in arrays)
 
@@ -369,7 +371,6 @@ class PartitionedCodeIndex:
         n = len(self.rows)
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
-        self.norms = np.concatenate([self.norms, norms])
         extra = norms.copy() if self.metric == "l2" else np.zeros(len(norms), np.float32)
         self.bias = np.concatenate([self.bias, extra])
         rows_t = np.promote_types(self.rows.dtype, _row_type(n + len(ids)))
@@ -382,7 +383,7 @@ class PartitionedCodeIndex:
     def _regroup(self):
         at = self.pos
         fresh = PartitionedCodeIndex.group(
-            self.metric, self.rq, self.ids, self.codes[at], self.norms[at], bias=self.bias[at],
+            self.metric, self.rq, self.ids, self.codes[at], None, bias=self.bias[at],
             rms_error=self.rms_error, prefix=self.prefix, nprobe=self.nprobe,
             calibration=self.calibration, error_z=self.error_z)
         self.__dict__.update(fresh.__dict__)
@@ -403,13 +404,13 @@ class PartitionedCodeIndex:
             pos = np.empty(n, self.rows.dtype)
             pos[self.rows[keep]] = np.arange(len(keep), dtype=self.rows.dtype)
             return PartitionedCodeIndex(
-                self.metric, self.rq, self.ids[:n], self.codes[keep], self.norms[keep],
+                self.metric, self.rq, self.ids[:n], self.codes[keep], None,
                 self.bias[keep], self.rows[keep], self.rms_error, self.prefix, self.nprobe,
                 self.grouped, self.cell_of, self.starts, self.c0, self.c1, self.cell_bias, pos,
                 self.calibration, error_z=self.error_z)
         at = self.pos[:n]
         return PartitionedCodeIndex.group(self.metric, self.rq, self.ids[:n], self.codes[at],
-                                          self.norms[at], bias=self.bias[at].copy(),
+                                          None, bias=self.bias[at].copy(),
                                           rms_error=self.rms_error, prefix=self.prefix,
                                           nprobe=self.nprobe, calibration=self.calibration,
                                           error_z=self.error_z)
@@ -441,7 +442,7 @@ def calibrate_nprobe(index, queries, own, *, k, target=0.99):
     if m == 0 or not len(queries):
         return DEFAULT_NPROBE, None
     K, n = index.rq.codebook_size, len(index.rows)
-    full = FlatCodeIndex(index.metric, index.rq, index.rows, index.codes, index.norms,
+    full = FlatCodeIndex(index.metric, index.rq, index.rows, index.codes, None,
                          index.bias).search(queries, k=k + 1)  # ids: positions' rows
     sizes = np.diff(index.starts)
     lut, _ = index.rq.lut(queries, index.metric)
