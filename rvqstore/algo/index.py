@@ -189,6 +189,11 @@ class FlatCodeIndex:
 
     def append(self, ids, codes, norms):
         self.prefixes = _Prefixes()
+        if not len(self.ids):  # a store's first read: take the arrays, no copy of them
+            self.ids = np.asarray(ids, np.int64)
+            self.codes = np.ascontiguousarray(codes)
+            self.bias = self._bias_of(norms)
+            return
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
         self.bias = np.concatenate([self.bias, self._bias_of(norms)])
@@ -210,13 +215,6 @@ class FlatCodeIndex:
 DEFAULT_NPROBE = 64
 """Cells' worth of rows a partitioned search scans when none was calibrated (see
 :class:`PartitionedCodeIndex`)."""
-
-
-def _cell_numbers(codes, K, prefix):
-    cell = codes[:, 0].astype(np.int64)
-    if prefix == 2:
-        cell = cell * K + codes[:, 1]
-    return cell
 
 
 @dataclass
@@ -278,16 +276,13 @@ class PartitionedCodeIndex:
         K = rq.codebook_size
         n = len(ids)
         head = n if tail_from is None else max(0, min(tail_from, n))
-        cell = _cell_numbers(codes[:head], K, prefix)
-        order = np.concatenate([
-            np.argsort(cell.astype(np.uint16 if K ** prefix <= 65536 else np.int64),
-                       kind="stable"),
-            np.arange(head, n, dtype=np.int64)])
-        counts = np.bincount(cell, minlength=K ** prefix)
+        ncells = K ** prefix
+        codes = np.ascontiguousarray(codes)
+        counts = kernels.cell_counts(codes, head, K, prefix == 2, ncells)
         nonempty = np.flatnonzero(counts)
         starts = np.zeros(len(nonempty) + 1, np.int64)
         np.cumsum(counts[nonempty], out=starts[1:])
-        which = np.full(K ** prefix, -1, np.int64)
+        which = np.full(ncells, -1, np.int64)
         which[nonempty] = np.arange(len(nonempty))
         c0 = nonempty // K if prefix == 2 else nonempty
         c1 = nonempty % K if prefix == 2 else np.zeros(len(nonempty), np.int64)
@@ -304,13 +299,18 @@ class PartitionedCodeIndex:
         # row and cell numbers in the narrowest type that holds them (12 of 24 bytes a
         # vector at ten million rows): the kernels take any integer type
         rows_t = _row_type(n)
-        pos = np.empty(n, rows_t)
-        pos[order] = np.arange(n, dtype=rows_t)
         cell_t = np.uint16 if len(nonempty) <= 65536 else rows_t
-        return cls(metric, rq, np.asarray(ids, np.int64), np.ascontiguousarray(codes[order]),
-                   None, np.ascontiguousarray(bias[order], np.float32),
-                   order.astype(rows_t), rms_error, prefix, nprobe, head,
-                   which[cell[order[:head]]].astype(cell_t), starts, c0, c1, cell_bias, pos,
+        first = np.zeros(ncells, np.int64)
+        first[nonempty] = starts[:-1]
+        out_codes = np.empty_like(codes)
+        out_bias = np.empty(n, np.float32)
+        rows, pos = np.empty(n, rows_t), np.empty(n, rows_t)
+        cell_of = np.empty(head, cell_t)
+        kernels.scatter_by_cell(codes, np.ascontiguousarray(bias, np.float32), head, K,
+                                prefix == 2, first, which, out_codes, out_bias, rows, pos,
+                                cell_of)
+        return cls(metric, rq, np.asarray(ids, np.int64), out_codes, None, out_bias, rows,
+                   rms_error, prefix, nprobe, head, cell_of, starts, c0, c1, cell_bias, pos,
                    calibration, error_z=error_z)
 
     @property

@@ -291,6 +291,47 @@ def scan_topk_ranges(codes, starts, ends, allow, rows, lut, bias, k):
 
 
 @njit(cache=True, nogil=True)
+def cell_counts(codes, head, K, two, ncells):
+    """int64 (ncells,): how many of the rows ``[0, head)`` fall in each cell, the cell of
+    row i being ``codes[i, 0] * K + codes[i, 1]`` when ``two``, else ``codes[i, 0]``."""
+    counts = np.zeros(ncells, dtype=np.int64)
+    for i in range(head):
+        c = np.int64(codes[i, 0])
+        if two:
+            c = c * K + codes[i, 1]
+        counts[c] += 1
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias, rows, pos,
+                    cell_of):
+    """Group rows by cell in one pass (a counting sort, stable: rows stay in order within
+    a cell): row i of ``[0, head)`` goes to position ``first[c]``, then the next, for its
+    cell c (as :func:`cell_counts`); rows from ``head`` on keep their place. Fills
+    ``out_codes``/``out_bias`` (by position), ``rows`` (the row at each position), ``pos``
+    (its inverse) and ``cell_of`` (``which[c]`` of each grouped position). ``first`` is
+    consumed."""
+    n = codes.shape[0]
+    S = codes.shape[1]
+    for i in range(n):
+        if i < head:
+            c = np.int64(codes[i, 0])
+            if two:
+                c = c * K + codes[i, 1]
+            p = first[c]
+            first[c] += 1
+            cell_of[p] = which[c]
+        else:
+            p = i
+        for s in range(S):
+            out_codes[p, s] = codes[i, s]
+        out_bias[p] = bias[i]
+        rows[p] = i
+        pos[i] = p
+
+
+@njit(cache=True, nogil=True)
 def count_by_cell(cell_of, allow, rows, ncells):
     """int64 (ncells,): how many rows i of each cell ``cell_of[i]`` have ``allow[rows[i]]``
     (the passing rows per cell a filtered probe weighs cells by)."""

@@ -57,3 +57,15 @@ def normal_equations_ref(codes, x, K):
     B = np.zeros((n, S * K))
     B[np.arange(n)[:, None], np.arange(S)[None, :] * K + codes] = 1.0
     return B.T @ B, B.T @ x.astype(np.float64)
+
+
+def group_by_cell_ref(codes, bias, head, K, two):
+    """Rows ``[0, head)`` in order of their cell (stable argsort), the rest after in place:
+    (codes, bias, rows, cell numbers of the grouped positions) like the counting sort of
+    ``kernels.cell_counts`` + ``kernels.scatter_by_cell``."""
+    cell = codes[:head, 0].astype(np.int64)
+    if two:
+        cell = cell * K + codes[:head, 1]
+    order = np.concatenate([np.argsort(cell, kind="stable"),
+                            np.arange(head, len(codes), dtype=np.int64)])
+    return codes[order], bias[order], order, cell[order[:head]]

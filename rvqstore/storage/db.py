@@ -509,6 +509,16 @@ class Database:
                           "WHERE version = ? AND block >= ? ORDER BY block",
                           (version, first)).fetchall()
 
+    def count_blocks(self, version, first=0):
+        return self.query("SELECT COUNT(*) FROM rvq_blocks WHERE version = ? AND block >= ?",
+                          (version, first)).fetchone()[0]
+
+    def iter_blocks(self, version, first=0):
+        """:meth:`read_blocks` one row at a time (a reader holds one block's BLOBs, not
+        all of them)."""
+        return self.query(f"SELECT {self._block_columns()} FROM rvq_blocks "
+                          "WHERE version = ? AND block >= ? ORDER BY block", (version, first))
+
     def last_block(self, version):
         """(block, count, ids, codes, norms, checksum) of the highest block of ``version``,
         or None."""
