@@ -93,7 +93,7 @@ def arranged(index, prefix, tail_from):
     """``index`` as the kind ``prefix`` asks for (flat when None), converted if need be."""
     if prefix is None:
         if isinstance(index, PartitionedCodeIndex):
-            at = index.pos
+            at = index.positions()
             return FlatCodeIndex(index.metric, index.rq, index.ids, index.codes[at],
                                  None, index.bias[at], index.rms_error)
         return index

@@ -723,7 +723,7 @@ class Store:
         if self.config.keep_originals:
             queries = self._fetch(ids)
         else:
-            queries = index.rq.decode(index.codes[index.pos[rows]])
+            queries = index.rq.decode(index.codes[index.positions()[rows]])
         keep = ~np.isnan(queries).any(axis=1)
         queries = np.ascontiguousarray(queries[keep], np.float32)
         own = ids[keep]

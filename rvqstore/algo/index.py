@@ -237,7 +237,8 @@ class PartitionedCodeIndex:
 
     ids : int64 (n,) store id of each row; codes uint8 (n, S), bias float32 (n,) by
     position (norms: None, as in :class:`FlatCodeIndex` once the bias is made); rows (n,)
-    the row at each position, pos its inverse (int32 below 2**31 rows); rms_error as for
+    the row at each position (int32 below 2**31 rows; :meth:`positions` its inverse,
+    computed when asked); rms_error as for
     :class:`FlatCodeIndex`; nprobe : the default for :meth:`search`.
     """
 
@@ -257,7 +258,6 @@ class PartitionedCodeIndex:
     c0: np.ndarray = field(default=None)        # int64 (m,) the cells' first stage codes
     c1: np.ndarray = field(default=None)        # int64 (m,) second stage codes (0: prefix 1)
     cell_bias: np.ndarray = field(default=None)  # float32 (m,)
-    pos: np.ndarray = field(default=None)
     calibration: Optional[float] = None  # coverage the default nprobe reached, when calibrated
     prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
     error_z: float = ERROR_Z  # the adaptive rerank's margin in standard deviations
@@ -304,13 +304,12 @@ class PartitionedCodeIndex:
         first[nonempty] = starts[:-1]
         out_codes = np.empty_like(codes)
         out_bias = np.empty(n, np.float32)
-        rows, pos = np.empty(n, rows_t), np.empty(n, rows_t)
+        rows = np.empty(n, rows_t)
         cell_of = np.empty(head, cell_t)
         kernels.scatter_by_cell(codes, np.ascontiguousarray(bias, np.float32), head, K,
-                                prefix == 2, first, which, out_codes, out_bias, rows, pos,
-                                cell_of)
+                                prefix == 2, first, which, out_codes, out_bias, rows, cell_of)
         return cls(metric, rq, np.asarray(ids, np.int64), out_codes, None, out_bias, rows,
-                   rms_error, prefix, nprobe, head, cell_of, starts, c0, c1, cell_bias, pos,
+                   rms_error, prefix, nprobe, head, cell_of, starts, c0, c1, cell_bias,
                    calibration, error_z=error_z)
 
     @property
@@ -320,7 +319,7 @@ class PartitionedCodeIndex:
 
     @property
     def nbytes(self):
-        arrays = (self.ids, self.codes, self.bias, self.rows, self.pos,
+        arrays = (self.ids, self.codes, self.bias, self.rows,
                   self.cell_of, self.starts, self.c0, self.c1, self.cell_bias)
         return sum(a.nbytes for a in arrays)
 
@@ -376,12 +375,18 @@ class PartitionedCodeIndex:
         rows_t = np.promote_types(self.rows.dtype, _row_type(n + len(ids)))
         new = np.arange(n, n + len(ids), dtype=rows_t)
         self.rows = np.concatenate([self.rows.astype(rows_t, copy=False), new])
-        self.pos = np.concatenate([self.pos.astype(rows_t, copy=False), new])
         if len(self.rows) - self.grouped > max(REGROUP_ROWS, self.grouped // 8):
             self._regroup()
 
+    def positions(self):
+        """(n,) the position of each row: the inverse of ``rows``, computed when asked (a
+        write or a filter's live mask), not kept (4 bytes a vector)."""
+        pos = np.empty(len(self.rows), self.rows.dtype)
+        pos[self.rows] = np.arange(len(self.rows), dtype=self.rows.dtype)
+        return pos
+
     def _regroup(self):
-        at = self.pos
+        at = self.positions()
         fresh = PartitionedCodeIndex.group(
             self.metric, self.rq, self.ids, self.codes[at], None, bias=self.bias[at],
             rms_error=self.rms_error, prefix=self.prefix, nprobe=self.nprobe,
@@ -389,26 +394,26 @@ class PartitionedCodeIndex:
         self.__dict__.update(fresh.__dict__)
 
     def remove(self, ids):
-        at = self.pos[np.isin(self.ids, ids)]
+        at = np.flatnonzero(np.isin(self.ids, ids)[self.rows])
         self.bias[at] = np.inf
         self.prefixes.drop(at)
 
     def live(self):
-        return np.isfinite(self.bias[self.pos])
+        out = np.empty(len(self.rows), bool)
+        out[self.rows] = np.isfinite(self.bias)
+        return out
 
     def truncated(self, n):
         if self.grouped == 0 or self.rows[:self.grouped].max() < n:
             # only ungrouped rows go: the grouping stands
             keep = np.concatenate([np.arange(self.grouped),
                                    self.grouped + np.flatnonzero(self.rows[self.grouped:] < n)])
-            pos = np.empty(n, self.rows.dtype)
-            pos[self.rows[keep]] = np.arange(len(keep), dtype=self.rows.dtype)
             return PartitionedCodeIndex(
                 self.metric, self.rq, self.ids[:n], self.codes[keep], None,
                 self.bias[keep], self.rows[keep], self.rms_error, self.prefix, self.nprobe,
-                self.grouped, self.cell_of, self.starts, self.c0, self.c1, self.cell_bias, pos,
+                self.grouped, self.cell_of, self.starts, self.c0, self.c1, self.cell_bias,
                 self.calibration, error_z=self.error_z)
-        at = self.pos[:n]
+        at = self.positions()[:n]
         return PartitionedCodeIndex.group(self.metric, self.rq, self.ids[:n], self.codes[at],
                                           None, bias=self.bias[at].copy(),
                                           rms_error=self.rms_error, prefix=self.prefix,
@@ -442,18 +447,19 @@ def calibrate_nprobe(index, queries, own, *, k, target=0.99):
     if m == 0 or not len(queries):
         return DEFAULT_NPROBE, None
     K, n = index.rq.codebook_size, len(index.rows)
-    full = FlatCodeIndex(index.metric, index.rq, index.rows, index.codes, None,
-                         index.bias).search(queries, k=k + 1)  # ids: positions' rows
+    positions = np.arange(n, dtype=np.int64)
+    full = FlatCodeIndex(index.metric, index.rq, positions, index.codes, None,
+                         index.bias).search(queries, k=k + 1)  # ids: positions
     sizes = np.diff(index.starts)
     lut, _ = index.rq.lut(queries, index.metric)
     need = []
     for q in range(len(queries)):
-        rows = [r for r in full.ids[q].tolist() if r >= 0 and index.ids[r] != own[q]][:k]
+        found = [p for p in full.ids[q].tolist()
+                 if p >= 0 and index.ids[index.rows[p]] != own[q]][:k]
         score = index.cell_bias + lut[q, index.c0]
         if index.prefix == 2:
             score = score + lut[q, K + index.c1]
-        for r in rows:
-            at = index.pos[r]
+        for at in found:
             if at >= index.grouped:  # appended since the grouping: every query scans it
                 need.append(0)
             else:

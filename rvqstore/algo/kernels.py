@@ -304,14 +304,13 @@ def cell_counts(codes, head, K, two, ncells):
 
 
 @njit(cache=True, nogil=True)
-def scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias, rows, pos,
+def scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias, rows,
                     cell_of):
     """Group rows by cell in one pass (a counting sort, stable: rows stay in order within
     a cell): row i of ``[0, head)`` goes to position ``first[c]``, then the next, for its
     cell c (as :func:`cell_counts`); rows from ``head`` on keep their place. Fills
-    ``out_codes``/``out_bias`` (by position), ``rows`` (the row at each position), ``pos``
-    (its inverse) and ``cell_of`` (``which[c]`` of each grouped position). ``first`` is
-    consumed."""
+    ``out_codes``/``out_bias`` (by position), ``rows`` (the row at each position) and
+    ``cell_of`` (``which[c]`` of each grouped position). ``first`` is consumed."""
     n = codes.shape[0]
     S = codes.shape[1]
     for i in range(n):
@@ -328,7 +327,6 @@ def scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias
             out_codes[p, s] = codes[i, s]
         out_bias[p] = bias[i]
         rows[p] = i
-        pos[i] = p
 
 
 @njit(cache=True, nogil=True)
