@@ -133,7 +133,10 @@ def load(db, config: Config, old, partitions=None):
                              *codeblocks.empty(config.stages),
                              rms_error=rms_error(db, config, version))
     ids, codes, norms, nread = read_codes(db, config, version, first)
-    kept.append(ids, codes, norms)
+    if isinstance(kept, FlatCodeIndex) and not len(kept.ids):
+        kept.append(ids, codes, norms, own=True)  # takes the arrays just read
+    else:
+        kept.append(ids, codes, norms)
     dead = db.tombstones()
     if dead:
         kept.remove(np.asarray(dead, np.int64))

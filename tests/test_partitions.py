@@ -378,14 +378,15 @@ def test_searches_use_the_recorded_margin(big_store):
 
 
 @pytest.mark.parametrize("two", [False, True])
-@pytest.mark.parametrize("head", [0, 700, 1000])
-def test_grouping_by_cell_matches_a_stable_argsort(two, head):
+@pytest.mark.parametrize("n,head", [(1000, 0), (1000, 700), (1000, 1000),
+                                    (140_000, 139_000)])  # split over threads when >= 2
+def test_grouping_by_cell_matches_a_stable_argsort(two, n, head):
     from rvqstore.algo.reference import group_by_cell_ref
 
     rng = np.random.default_rng(5)
     K = 8
-    codes = rng.integers(0, K, size=(1000, 4), dtype=np.uint8)
-    bias = rng.random(1000).astype(np.float32)
+    codes = rng.integers(0, K, size=(n, 4), dtype=np.uint8)
+    bias = rng.random(n).astype(np.float32)
     ncells = K ** (2 if two else 1)
     counts = kernels.cell_counts(codes, head, K, two, ncells)
     want_codes, want_bias, want_rows, want_cells = group_by_cell_ref(codes, bias, head, K, two)
@@ -395,11 +396,11 @@ def test_grouping_by_cell_matches_a_stable_argsort(two, head):
     which[nonempty] = np.arange(len(nonempty))
     first = np.zeros(ncells, np.int64)
     first[nonempty] = np.concatenate([[0], np.cumsum(counts[nonempty])[:-1]])
-    out_codes, out_bias = np.empty_like(codes), np.empty(1000, np.float32)
-    rows = np.empty(1000, np.int32)
+    out_codes, out_bias = np.empty_like(codes), np.empty(n, np.float32)
+    rows = np.empty(n, np.int32)
     cell_of = np.empty(head, np.uint16)
     kernels.scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias,
-                            rows, cell_of)
+                            rows, cell_of, 2)
     np.testing.assert_array_equal(out_codes, want_codes)
     np.testing.assert_array_equal(out_bias, want_bias)
     np.testing.assert_array_equal(rows, want_rows)

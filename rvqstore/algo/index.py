@@ -10,6 +10,7 @@ hook filters and exclusions use). A new way of searching (partitions) is a new c
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+import numba
 import numpy as np
 
 from .quantizers import ResidualQuantizer
@@ -187,12 +188,15 @@ class FlatCodeIndex:
                          bias=bias, rows=rows, stages=stages)
         return _to_store_ids(res, self.ids)
 
-    def append(self, ids, codes, norms):
+    def append(self, ids, codes, norms, *, own=False):
+        """Add rows; ``own``: the caller hands the arrays over (a store's first read), so an
+        empty index keeps them, the norms becoming the L2 bias, instead of copying them."""
         self.prefixes = _Prefixes()
-        if not len(self.ids):  # a store's first read: take the arrays, no copy of them
+        if not len(self.ids):
             self.ids = np.asarray(ids, np.int64)
             self.codes = np.ascontiguousarray(codes)
-            self.bias = self._bias_of(norms)
+            self.bias = norms if own and self.metric == "l2" and norms.dtype == np.float32 \
+                else self._bias_of(norms)
             return
         self.ids = np.concatenate([self.ids, ids])
         self.codes = np.ascontiguousarray(np.concatenate([self.codes, codes]))
@@ -307,7 +311,8 @@ class PartitionedCodeIndex:
         rows = np.empty(n, rows_t)
         cell_of = np.empty(head, cell_t)
         kernels.scatter_by_cell(codes, np.ascontiguousarray(bias, np.float32), head, K,
-                                prefix == 2, first, which, out_codes, out_bias, rows, cell_of)
+                                prefix == 2, first, which, out_codes, out_bias, rows, cell_of,
+                                numba.get_num_threads())
         return cls(metric, rq, np.asarray(ids, np.int64), out_codes, None, out_bias, rows,
                    rms_error, prefix, nprobe, head, cell_of, starts, c0, c1, cell_bias,
                    calibration, error_z=error_z)

@@ -303,30 +303,54 @@ def cell_counts(codes, head, K, two, ncells):
     return counts
 
 
-@njit(cache=True, nogil=True)
+@njit(nogil=True, inline="always")
+def _cell(codes, i, K, two):
+    c = np.int64(codes[i, 0])
+    if two:
+        c = c * K + codes[i, 1]
+    return c
+
+
+@njit(nogil=True, inline="always")
+def _place(codes, bias, i, p, out_codes, out_bias, rows):
+    for s in range(codes.shape[1]):
+        out_codes[p, s] = codes[i, s]
+    out_bias[p] = bias[i]
+    rows[p] = i
+
+
+@njit(cache=True, parallel=True)
 def scatter_by_cell(codes, bias, head, K, two, first, which, out_codes, out_bias, rows,
-                    cell_of):
-    """Group rows by cell in one pass (a counting sort, stable: rows stay in order within
-    a cell): row i of ``[0, head)`` goes to position ``first[c]``, then the next, for its
-    cell c (as :func:`cell_counts`); rows from ``head`` on keep their place. Fills
-    ``out_codes``/``out_bias`` (by position), ``rows`` (the row at each position) and
-    ``cell_of`` (``which[c]`` of each grouped position). ``first`` is consumed."""
+                    cell_of, threads=1):
+    """Group rows by cell (a counting sort, stable: rows stay in order within a cell): the
+    rows of cell c among ``[0, head)`` go to positions ``first[c]`` on, cell c as in
+    :func:`cell_counts`; rows from ``head`` on keep their place. Fills ``out_codes`` and
+    ``out_bias`` (by position), ``rows`` (the row at each position) and ``cell_of``
+    (``which[c]`` of each grouped position). The rows are split over ``threads`` (numba's),
+    each placing its share after the earlier shares' rows of the same cell."""
     n = codes.shape[0]
-    S = codes.shape[1]
-    for i in range(n):
-        if i < head:
-            c = np.int64(codes[i, 0])
-            if two:
-                c = c * K + codes[i, 1]
-            p = first[c]
-            first[c] += 1
+    ncells = first.shape[0]
+    parts = max(1, min(threads, head // 65536))
+    step = (head + parts - 1) // parts
+    counts = np.zeros((parts, ncells), dtype=np.int64)
+    for t in prange(parts):
+        for i in range(t * step, min((t + 1) * step, head)):
+            counts[t, _cell(codes, i, K, two)] += 1
+    nxt = np.empty((parts, ncells), dtype=np.int64)
+    for c in range(ncells):
+        at = first[c]
+        for t in range(parts):
+            nxt[t, c] = at
+            at += counts[t, c]
+    for t in prange(parts):
+        for i in range(t * step, min((t + 1) * step, head)):
+            c = _cell(codes, i, K, two)
+            p = nxt[t, c]
+            nxt[t, c] += 1
             cell_of[p] = which[c]
-        else:
-            p = i
-        for s in range(S):
-            out_codes[p, s] = codes[i, s]
-        out_bias[p] = bias[i]
-        rows[p] = i
+            _place(codes, bias, i, p, out_codes, out_bias, rows)
+    for i in prange(head, n):
+        _place(codes, bias, i, i, out_codes, out_bias, rows)
 
 
 @njit(cache=True, nogil=True)
