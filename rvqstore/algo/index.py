@@ -266,6 +266,7 @@ class PartitionedCodeIndex:
     prefixes: _Prefixes = field(default_factory=_Prefixes, repr=False)
     error_z: float = ERROR_Z  # the adaptive rerank's margin in standard deviations
     recall_by_z: Optional[dict] = None  # the calibration's held-out recall by margin
+    sizes: np.ndarray = field(default=None, init=False, repr=False)  # rows per cell, cached
 
     @classmethod
     def group(cls, metric, rq, ids, codes, norms, *, bias=None, rms_error=0.0, prefix=2,
@@ -345,7 +346,9 @@ class PartitionedCodeIndex:
         # at least k rows (passing rows under a mask): never fewer results than can pass
         budget = max(k, -(-nprobe * self.grouped // max(m, 1)))
         if allow is None:
-            weight, mask = np.diff(self.starts), _NO_MASK
+            if self.sizes is None:
+                self.sizes = np.diff(self.starts)
+            weight, mask = self.sizes, _NO_MASK
         else:
             mask = np.ascontiguousarray(allow, dtype=np.bool_)
             weight = kernels.count_by_cell(self.cell_of, mask, self.rows, m)
