@@ -115,7 +115,8 @@ def build(path, chunks, dim, originals="float32"):
 
 def measure(path, queries, gt, label, flat_too=True):
     """The table rows of one set: flat, and partitioned at the calibrated defaults, at half
-    and twice nprobe, with a fixed shallow rerank, and reading originals through mmap."""
+    and twice nprobe, with a fixed shallow rerank, by codes alone, ranked by the first 8
+    stages (the adaptive rerank reading deeper) and reading originals through mmap."""
     t = time.perf_counter()
     with Store.open(path, partitions=K_CELLS) as w:  # what train() records today
         calibration = w.calibrate()
@@ -135,6 +136,7 @@ def measure(path, queries, gt, label, flat_too=True):
         f"cells, nprobe {default * 2}": (part, {"nprobe": default * 2}),
         f"cells, nprobe {default}, rerank 5 (50 read)": (part, {"rerank": 5}),
         f"cells, nprobe {default}, rerank 1 (codes only)": (part, {"rerank": 1}),
+        f"cells, nprobe {default}, first 8 stages ranked": (part, {"stages": 8}),
         "cells, calibrated, originals through mmap": (mapped, {}),
     })
     reads = {}
