@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _snapshot
 from ._config import MAX_META_INT, Config, meta_int, resolve
+from .algo.index import cell_order
 from .errors import DimensionMismatchError, DuplicateError, InvalidInputError
 from .storage import pack_originals
 from .storage import codes as codeblocks
@@ -197,15 +198,21 @@ def _append_codes(db, config, rq, version, x, ids, progress):
 
 
 def compact(db, config, progress):
-    """Rewrite the code blocks without the deleted vectors, then VACUUM the file."""
+    """Rewrite the code blocks without the deleted vectors and in the order of their cells
+    (:func:`~rvqstore.algo.index.cell_order`: a partitioned reader then finds them grouped
+    and need not move them), then VACUUM the file."""
     with db.write():
         version = meta_int(db.meta(), "active_version", db.path)
         dead = db.tombstones()
-        if version and dead:
+        if version:
             report(progress, "compact", 0, 2)
             ids, codes, norms, _ = _snapshot.read_codes(db, config, version)
-            keep = ~np.isin(ids, np.asarray(dead, np.int64))
-            write_blocks(db, config, version, ids[keep], codes[keep], norms[keep])
+            keep = ~np.isin(ids, np.asarray(dead, np.int64)) if dead else None
+            if keep is not None:
+                ids, codes, norms = ids[keep], codes[keep], norms[keep]
+            order = cell_order(codes, config.codebook_size)
+            if keep is not None or (order != np.arange(len(order))).any():
+                write_blocks(db, config, version, ids[order], codes[order], norms[order])
             db.clear_tombstones()
     report(progress, "compact", 1, 2)
     db.vacuum()

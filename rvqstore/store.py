@@ -268,10 +268,10 @@ class Store:
         Returns
         -------
         ExactIndex (untrained: ``ids``, ``vectors``, ``norms``) or FlatCodeIndex (trained:
-        ``rq``, ``ids`` int64 (n,), ``codes`` uint8 (n, stages), ``norms`` float32 (n,),
-        ``bias`` float32 (n,), +inf for deleted rows), or PartitionedCodeIndex (the same
-        grouped by cell: ``codes``, ``norms`` and ``bias`` by position, ``rows`` the row of
-        each position; see ``Store.open(partitions=)``); all have ``nbytes``. Read-only:
+        ``rq``, ``ids`` int64 (n,), ``codes`` uint8 (n, stages), ``bias`` float32 (n,), the
+        L2 norms or 0, +inf for deleted rows), or PartitionedCodeIndex (the same grouped by
+        cell: ``codes`` and ``bias`` by position, ``rows`` the row of each position; see
+        ``Store.open(partitions=)``); all have ``nbytes``. Read-only:
         the store updates it in place after its own writes.
         """
         return self._current().index

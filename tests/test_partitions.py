@@ -405,3 +405,44 @@ def test_grouping_by_cell_matches_a_stable_argsort(two, n, head):
     np.testing.assert_array_equal(out_bias, want_bias)
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(cell_of, which[want_cells])
+
+
+def test_compact_lays_blocks_out_by_cell_and_answers_the_same(big_store):
+    from rvqstore.algo.index import cell_order
+
+    path, x = big_store
+    q = x[::97] + 0.02
+    with Store.open(path, partitions=256) as s:
+        s.delete(list(range(0, 6000, 50)))
+        before = s.search(q, k=10, nprobe=ALL, rerank=10)
+        flat_before = s.code_index()
+        s.compact()
+        after = s.search(q, k=10, nprobe=ALL, rerank=10)
+        index = s.code_index()
+    _same(before, after)
+    with Store.open(path, partitions=0, readonly=True) as flat:
+        laid = flat.code_index()
+    # the file's rows: every live vector once, ascending by cell
+    assert sorted(laid.ids.tolist()) == sorted(set(range(6000)) - set(range(0, 6000, 50)))
+    np.testing.assert_array_equal(cell_order(laid.codes, 16), np.arange(len(laid.ids)))
+    assert not np.array_equal(flat_before.ids, laid.ids)  # they were not in that order
+    np.testing.assert_array_equal(index.rows, np.arange(len(index.rows)))
+
+
+def test_rows_laid_out_by_cell_are_not_moved(small_rq, data, queries):
+    from rvqstore.algo.index import cell_order
+
+    codes = small_rq.encode(data)
+    order = cell_order(codes, small_rq.codebook_size)
+    codes, norms = np.ascontiguousarray(codes[order]), small_rq.norms(codes[order])
+    ids = np.arange(len(codes), dtype=np.int64)
+    part = PartitionedCodeIndex.group("l2", small_rq, ids, codes, norms)
+    assert np.shares_memory(part.codes, codes)  # grouped in place: no copy
+    flat = FlatCodeIndex("l2", small_rq, ids, codes, norms)
+    _same(part.search(queries, k=20, nprobe=ALL), flat.search(queries, k=20))
+    shuffled = PartitionedCodeIndex.group("l2", small_rq, ids[::-1].copy(),
+                                          np.ascontiguousarray(codes[::-1]), norms[::-1].copy())
+    assert not np.shares_memory(shuffled.codes, codes)
+    _same(shuffled.search(queries, k=20, nprobe=ALL),
+          FlatCodeIndex("l2", small_rq, ids[::-1].copy(), codes[::-1],
+                        norms[::-1].copy()).search(queries, k=20))

@@ -305,6 +305,13 @@ class PartitionedCodeIndex:
         # vector at ten million rows): the kernels take any integer type
         rows_t = _row_type(n)
         cell_t = np.uint16 if len(nonempty) <= 65536 else rows_t
+        if kernels.cells_ascending(codes, head, K, prefix == 2):
+            # laid out by cell already (a compacted store): keep the arrays where they are
+            return cls(metric, rq, np.asarray(ids, np.int64), codes, None,
+                       np.ascontiguousarray(bias, np.float32), np.arange(n, dtype=rows_t),
+                       rms_error, prefix, nprobe, head,
+                       np.repeat(np.arange(len(nonempty), dtype=cell_t), counts[nonempty]),
+                       starts, c0, c1, cell_bias, calibration, error_z=error_z)
         first = np.zeros(ncells, np.int64)
         first[nonempty] = starts[:-1]
         out_codes = np.empty_like(codes)
@@ -427,6 +434,17 @@ class PartitionedCodeIndex:
                                           rms_error=self.rms_error, prefix=self.prefix,
                                           nprobe=self.nprobe, calibration=self.calibration,
                                           error_z=self.error_z)
+
+
+def cell_order(codes, K):
+    """The stable order of rows ``codes`` (n, S) by the cell of their first two stages'
+    codes (first stage only when S is 1): sorted by cell, rows grouped by two stages are
+    grouped by the first too. A store lays its code blocks out in this order (compact), so
+    that a partitioned index finds them grouped and need not move them."""
+    cell = codes[:, 0].astype(np.int64)
+    if codes.shape[1] > 1:
+        cell = cell * K + codes[:, 1]
+    return np.argsort(cell.astype(np.uint16 if K * K <= 65536 else np.int64), kind="stable")
 
 
 def _row_type(n):

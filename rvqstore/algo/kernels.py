@@ -303,6 +303,19 @@ def cell_counts(codes, head, K, two, ncells):
     return counts
 
 
+@njit(cache=True, nogil=True)
+def cells_ascending(codes, head, K, two):
+    """Whether the rows ``[0, head)`` are already in ascending order of their cells (as
+    :func:`cell_counts` numbers them)."""
+    last = np.int64(-1)
+    for i in range(head):
+        c = _cell(codes, i, K, two)
+        if c < last:
+            return False
+        last = c
+    return True
+
+
 @njit(nogil=True, inline="always")
 def _cell(codes, i, K, two):
     c = np.int64(codes[i, 0])
