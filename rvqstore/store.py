@@ -165,7 +165,9 @@ class Store:
             cell (K**2). A partitioned search scans only the cells nearest the query
             (``search(nprobe=)``). None (the default) partitions by cells from 200,000
             vectors on and scans every code below; 0 always scans every code; K or K**2
-            force partitions or cells. Nothing in the file changes.
+            force partitions or cells. The grouping is made in memory (``compact()`` lays
+            the file's code blocks out by cell so that it is there already); the choice
+            changes nothing in the file.
 
         On an existing file the configuration is read from the file, and an argument
         that conflicts with it is an error naming both values.
@@ -604,9 +606,10 @@ class Store:
         nprobe : int >= 1 or None, for a partitioned store (``Store.open(partitions=)``):
             a query scans the codes of the cells nearest it until it has scanned ``nprobe``
             average cells' worth of rows (under ``where``, of passing rows). None: the
-            store's default, calibrated on the first such search so that the candidates
-            hold 99% of what scanning every code would rank first (``info()["partitions"]``
-            says which). Ignored by a store that scans every code.
+            store's default, calibrated so that the candidates hold 99% of what scanning
+            every code would rank first (recorded by ``train()``/:meth:`calibrate`, else
+            chosen by the first such search; ``info()["partitions"]`` says which). Ignored
+            by a store that scans every code.
         stages : int in [1, stages] or None: rank the codes by their first ``stages``
             stages only (an RVQ prefix is a coarser code of the same vector: fewer table
             lookups per code, a rougher estimate, so the adaptive rerank reads deeper).
