@@ -390,7 +390,7 @@ class PartitionedCodeIndex:
         rows_t = np.promote_types(self.rows.dtype, _row_type(n + len(ids)))
         new = np.arange(n, n + len(ids), dtype=rows_t)
         self.rows = np.concatenate([self.rows.astype(rows_t, copy=False), new])
-        if len(self.rows) - self.grouped > max(REGROUP_ROWS, self.grouped // 8):
+        if len(self.rows) - self.grouped > max(REGROUP_ROWS, self.grouped // REGROUP_SHARE):
             self._regroup()
 
     def positions(self):
@@ -452,8 +452,11 @@ def _row_type(n):
 
 
 REGROUP_ROWS = 65536
-"""Rows appended since the last grouping that a partitioned index scans whole before it
-regroups (or an eighth of the grouped rows, whichever is more)."""
+REGROUP_SHARE = 32
+"""Rows appended since the last grouping that a partitioned index scans whole (every query
+does) before it regroups: REGROUP_ROWS, or 1/REGROUP_SHARE of the grouped rows, whichever
+is more. Measured at 1M mixtures: a tail of 1/32 adds 0.16 ms to the index's 0.78 ms per
+query, 1/8 adds 0.58 ms; regrouping a million rows takes 0.03-0.08 s."""
 
 _NO_MASK = np.empty(0, np.bool_)
 
