@@ -13,6 +13,7 @@ every string as stored (metadata as JSON objects, in CSV as a cell of JSON text)
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import sqlite3
@@ -24,7 +25,7 @@ import numpy as np
 
 from . import __version__, benchmark
 from .errors import BadFileError, InvalidInputError, RvqstoreError
-from .inputs import FORMATS, MAX_ID, parse_object, parse_vector, read_vectors
+from .inputs import FORMATS, MAX_ID, format_for, parse_object, parse_vector, read_vectors
 from .store import METRICS, ORIGINAL_FORMATS, Store
 
 
@@ -384,16 +385,20 @@ def create(db, dim, metric, stages, codebook_size, originals, no_originals):
                    "the id stays) and add the rest. Needs keys, takes no ids.")
 @_quiet
 def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
-    """Add the vectors of FILE (npy, fvecs, jsonl, csv; - for stdin).
+    """Add the vectors of FILE (npy, fvecs, jsonl, csv, parquet; - for stdin).
 
     JSON lines: {"id": 7, "key": "doc-7", "vector": [...], "metadata": {...},
     "document": "..."} per line, all but vector optional. CSV: numbers only, or a
     header whose id, key, metadata (a JSON object per cell) and document columns are
     taken as such and whose other columns are the vector. The store is created if
-    missing. All rows go in one transaction.
+    missing. All rows go in one transaction, except from Parquet (pyarrow needed):
+    a vector or embedding column of lists of numbers, optional id, key, metadata
+    (JSON text or struct) and document columns, added 65,536 rows per transaction.
     """
     if upsert and skip_existing_keys:
         raise click.UsageError("give --upsert or --skip-existing-keys, not both")
+    if (fmt or (None if file == "-" else format_for(file))) == "parquet":
+        return _add_parquet(db, file, train, skip_existing_keys, upsert, quiet)
     loaded = read_vectors(file, format=fmt)
     name = "<stdin>" if file == "-" else file
     if upsert and loaded.keys is None:
@@ -421,6 +426,48 @@ def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
         progress.close()
         after = len(store)
         skipped = len(loaded.vectors) - (after - before)
+        note = (f", replaced {skipped:,} already stored" if upsert and skipped
+                else f", skipped {skipped:,} already stored" if skipped else "")
+        click.echo(f"Added {_count(after - before)} to {db}{note} in "
+                   f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
+        if train:
+            _train(store, db, store.train, progress, "Trained")
+
+
+def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
+    """``add`` of a Parquet file, batch by batch (each batch one transaction): a file of
+    any length never sits in memory whole."""
+    from . import arrow
+
+    if file == "-":
+        raise click.UsageError("Parquet is read from a file, not standard input")
+    progress = _Progress.for_terminal(quiet)
+    t = time.perf_counter()
+    rows, total = 0, arrow.row_count(file)
+    batches = arrow.read_batches(file)
+    first = next(batches, None)  # the file's columns are checked before a store is made
+    if first is None:
+        raise InvalidInputError(f"{file} holds no rows")
+    with _removed_on_error(db):
+        store = _open(db, create=True)
+    with store:
+        before = len(store)
+        for batch in itertools.chain([first], batches):
+            if upsert and batch.keys is None:
+                raise InvalidInputError(f"{file}: --upsert replaces by key and the rows have "
+                                        "no keys")
+            if upsert:
+                store.upsert(batch.vectors, keys=batch.keys, metadata=batch.metadata,
+                             documents=batch.documents)
+            else:
+                store.add(batch.vectors, ids=batch.ids, keys=batch.keys,
+                          metadata=batch.metadata, documents=batch.documents,
+                          skip_existing_keys=skip_existing_keys)
+            rows += len(batch.vectors)
+            progress("add", rows, total)
+        progress.close()
+        after = len(store)
+        skipped = rows - (after - before)
         note = (f", replaced {skipped:,} already stored" if upsert and skipped
                 else f", skipped {skipped:,} already stored" if skipped else "")
         click.echo(f"Added {_count(after - before)} to {db}{note} in "
@@ -672,9 +719,10 @@ def info(db, as_json, as_csv):
 @_db
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="File to write [default: stdout].")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "csv"]),
-              help="jsonl and csv keep ids and keys and are read back by add; npy holds "
-                   "the vectors only, in id order [default: from -o's extension, else jsonl].")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "npy", "csv", "parquet"]),
+              help="jsonl, csv and parquet keep ids and keys and are read back by add; npy "
+                   "holds the vectors only, in id order [default: from -o's extension, else "
+                   "jsonl]. parquet needs pyarrow (pip install 'rvqstore[arrow]').")
 @click.option("--batch-size", type=int, default=8192, show_default=True, hidden=True)
 def export(db, output, fmt, batch_size):
     """Write every stored vector with its id, key, metadata and document.
@@ -682,10 +730,19 @@ def export(db, output, fmt, batch_size):
     JSON lines carry "metadata" and "document" fields on the items that have them;
     CSV has metadata (JSON text) and document columns when the store holds any.
     """
-    fmt = fmt or {".npy": "npy", ".csv": "csv"}.get(os.path.splitext(output)[1].lower(), "jsonl")
-    if fmt == "npy" and output == "-":
-        raise click.UsageError("--format npy needs -o FILE")
+    fmt = fmt or {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}.get(
+        os.path.splitext(output)[1].lower(), "jsonl")
+    if fmt in ("npy", "parquet") and output == "-":
+        raise click.UsageError(f"--format {fmt} needs -o FILE")
     with _open(db, readonly=True) as store:
+        if fmt == "parquet":
+            from . import arrow
+
+            progress = _Progress.for_terminal(False)
+            with _output_file(output, "wb") as f:
+                arrow.write_parquet(store, f, batch_size=batch_size, progress=progress)
+            progress.close()
+            return
         if fmt == "npy":
             batches = store.iter(batch_size=batch_size)
             parts = [vecs for _, _, vecs in batches] or [np.empty((0, store.dim), np.float32)]

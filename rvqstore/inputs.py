@@ -34,14 +34,15 @@ import numpy as np
 from .errors import InvalidInputError
 from .filters import validate_metadata
 
-FORMATS = ("npy", "fvecs", "jsonl", "csv")
+FORMATS = ("npy", "fvecs", "jsonl", "csv", "parquet")
 MAX_ID = 2**63 - 2
 """The largest id a file may give: ids are SQLite integers (int64), and the store numbers
 the rows that come without ids from the largest id plus one."""
 CSV_FIELD_LIMIT = 1 << 26
 """The longest CSV field read, in characters (64 Mi); Python's csv module stops at 128 Ki,
 which a long key written by ``rvqstore export --format csv`` exceeds."""
-_EXTENSIONS = {".npy": "npy", ".fvecs": "fvecs", ".jsonl": "jsonl", ".ndjson": "jsonl",
+_EXTENSIONS = {".npy": "npy", ".fvecs": "fvecs", ".parquet": "parquet", ".jsonl": "jsonl",
+               ".ndjson": "jsonl",
                ".json": "jsonl", ".csv": "csv"}
 
 
@@ -89,6 +90,10 @@ def read_vectors(path, *, format=None):
         if format is None:
             raise InputFileError(f"{name}: cannot tell the format from the extension; "
                                  f"give one of {', '.join(FORMATS)}")
+    if format == "parquet":
+        if path == "-":
+            raise InvalidInputError("Parquet is read from a file, not standard input")
+        return _parquet(path)
     data = _read_stdin() if path == "-" else _read_file(path)
     if format in ("npy", "fvecs"):
         return (_npy if format == "npy" else _fvecs)(data, name)
@@ -103,6 +108,29 @@ def read_vectors(path, *, format=None):
             raise InputFileError(f"{name} is empty")
         format = "jsonl" if first in "{[" else "csv"
     return (_jsonl if format == "jsonl" else _csv)(text, name)
+
+
+def _parquet(path):
+    """A whole Parquet file (rvqstore.arrow reads it batch by batch; this joins them)."""
+    from .arrow import read_batches
+
+    parts = list(read_batches(path))
+    if not parts or not sum(len(p.vectors) for p in parts):
+        raise InputFileError(f"{path} holds no rows")
+
+    def joined(field):
+        got = [getattr(p, field) for p in parts]
+        if all(g is None for g in got):
+            return None
+        if field == "ids":
+            if any(g is None for g in got):
+                raise InputFileError(f"{path}: some row groups have ids and others not")
+            return np.concatenate(got)
+        return [v for p, g in zip(parts, got) for v in (g if g is not None else
+                                                       [None] * len(p.vectors))]
+
+    return Loaded(np.concatenate([p.vectors for p in parts]), joined("ids"), joined("keys"),
+                  joined("metadata"), joined("documents"))
 
 
 def _read_file(path):

@@ -529,6 +529,14 @@ class Store:
                         out += ([docs.get(i) for i in ids],)
                 yield out
 
+    def to_arrow(self, *, batch_size=8192):
+        """Every stored item as a ``pyarrow.Table`` (id, key, vector, metadata as JSON text,
+        document; see :mod:`rvqstore.arrow`, which also streams it to Parquet). Needs the
+        ``arrow`` extra (pyarrow)."""
+        from . import arrow
+
+        return arrow.to_arrow(self, batch_size=batch_size)
+
     @_translated
     def ids(self):
         """Every stored id, ascending (int64)."""
