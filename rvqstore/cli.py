@@ -423,15 +423,21 @@ def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
             store.close()
             raise
     with store:  # a failed --train keeps the vectors added
-        progress.close()
-        after = len(store)
-        skipped = len(loaded.vectors) - (after - before)
-        note = (f", replaced {skipped:,} already stored" if upsert and skipped
-                else f", skipped {skipped:,} already stored" if skipped else "")
-        click.echo(f"Added {_count(after - before)} to {db}{note} in "
-                   f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
-        if train:
-            _train(store, db, store.train, progress, "Trained")
+        _added(store, db, len(loaded.vectors), before, t, upsert, train, progress)
+
+
+def _added(store, db, rows, before, t, upsert, train, progress):
+    """Report an add of ``rows`` rows to ``store`` (``before`` vectors at time ``t``), then
+    train when asked."""
+    progress.close()
+    after = len(store)
+    skipped = rows - (after - before)
+    note = (f", replaced {skipped:,} already stored" if upsert and skipped
+            else f", skipped {skipped:,} already stored" if skipped else "")
+    click.echo(f"Added {_count(after - before)} to {db}{note} in "
+               f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
+    if train:
+        _train(store, db, store.train, progress, "Trained")
 
 
 def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
@@ -465,15 +471,7 @@ def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
                           skip_existing_keys=skip_existing_keys)
             rows += len(batch.vectors)
             progress("add", rows, total)
-        progress.close()
-        after = len(store)
-        skipped = rows - (after - before)
-        note = (f", replaced {skipped:,} already stored" if upsert and skipped
-                else f", skipped {skipped:,} already stored" if skipped else "")
-        click.echo(f"Added {_count(after - before)} to {db}{note} in "
-                   f"{time.perf_counter() - t:.2f} s ({after:,} in the store)")
-        if train:
-            _train(store, db, store.train, progress, "Trained")
+        _added(store, db, rows, before, t, upsert, train, progress)
 
 
 def _train(store, db, method, progress, verb):
