@@ -59,6 +59,15 @@ def test_parquet_round_trip_through_the_cli(store, tmp_path):
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert pq.ParquetFile(out).metadata.num_rows == 300
+    from rvqstore.inputs import read_vectors
+    whole = read_vectors(out)  # what `search QUERYFILE` reads
+    np.testing.assert_array_equal(whole.vectors, x)
+    assert whole.keys[:2] == ["k0", "k1"] and whole.keys[250] is None
+    q = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"vector": pa.array(list(x[:3]), pa.list_(pa.float32(), 8))}), q)
+    result = CliRunner().invoke(main, ["search", str(path), str(q), "-k", "1", "--json"],
+                                catch_exceptions=False)
+    assert [r["id"] for r in json.loads(result.output)] == [0, 1, 2]
     copy = tmp_path / "copy.db"
     result = CliRunner().invoke(main, ["add", str(copy), str(out)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
