@@ -91,3 +91,79 @@ def test_readme_langchain_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md (LangChain)", "exec"), {})
     assert capsys.readouterr().out.strip() == "a dog barked"
     assert (tmp_path / "lc.db").exists()
+
+
+class _Counting(DeterministicFakeEmbedding):
+    """The fake model, counting the texts it embeds (documents and queries apart)."""
+
+    calls: list = []
+
+    def embed_documents(self, texts):
+        self.calls.append(("documents", list(texts)))
+        return super().embed_documents(texts)
+
+    def embed_query(self, text):
+        self.calls.append(("query", text))
+        return super().embed_query(text)
+
+
+def test_cached_embeddings_compute_each_text_once(tmp_path):
+    from rvqstore.integrations.langchain import RvqstoreCachedEmbeddings
+
+    model = _Counting(size=6)
+    model.calls = []
+    emb = RvqstoreCachedEmbeddings(model, tmp_path / "cache.db", model="fake-6")
+    first = emb.embed_documents(["a", "b", "a"])
+    assert first[0] == first[2] and model.calls == [("documents", ["a", "b"])]
+    assert emb.embed_documents(["b", "c"])[0] == first[1]
+    assert model.calls[-1] == ("documents", ["c"])
+    want = DeterministicFakeEmbedding(size=6)
+    assert first[1] == pytest.approx(want.embed_documents(["b"])[0], rel=1e-6)
+    q = emb.embed_query("a")  # cached apart from the document "a"
+    assert model.calls[-1] == ("query", "a") and q == pytest.approx(want.embed_query("a"),
+                                                                      rel=1e-6)
+    calls = len(model.calls)
+    assert emb.embed_query("a") == q and len(model.calls) == calls
+    with pytest.raises(ValueError, match="may not start"):
+        emb.embed_documents(["\0query\0x"])
+    emb.close()
+    again = RvqstoreCachedEmbeddings(_Counting(size=6), tmp_path / "cache.db", model="fake-6")
+    assert again.embed_documents(["a", "b", "c"])[:2] == first[:2]  # from the file
+    assert again.cache.computed == 0
+    again.close()
+
+
+CHILD = """
+import json, sys
+from langchain_core.embeddings import DeterministicFakeEmbedding
+from rvqstore.integrations.langchain import RvqstoreCachedEmbeddings
+emb = RvqstoreCachedEmbeddings(DeterministicFakeEmbedding(size=6), sys.argv[1], model="fake-6",
+                               batch_size=7)
+texts = [f"t{i}" for i in range(int(sys.argv[2]), int(sys.argv[3]))]
+vecs = emb.embed_documents(texts)
+print(json.dumps({"computed": emb.cache.computed, "vecs": dict(zip(texts, vecs))}))
+"""
+
+
+def test_cached_embeddings_shared_by_two_processes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from rvqstore.integrations.langchain import RvqstoreCachedEmbeddings
+
+    path = tmp_path / "shared.db"
+    RvqstoreCachedEmbeddings(DeterministicFakeEmbedding(size=6), path, model="fake-6").close()
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(path), lo, hi],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for lo, hi in (("0", "60"), ("30", "90"))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    got = [json.loads(o) for o, _ in outs]
+    for t in (f"t{i}" for i in range(30, 60)):  # both asked: the same stored vector
+        assert got[0]["vecs"][t] == got[1]["vecs"][t]
+    emb = RvqstoreCachedEmbeddings(DeterministicFakeEmbedding(size=6), path, model="fake-6")
+    assert len(emb.cache) == 90  # every text stored exactly once
+    emb.embed_documents([f"t{i}" for i in range(90)])
+    assert emb.cache.computed == 0
+    emb.close()

@@ -21,9 +21,10 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 
+from ..cache import EmbeddingCache
 from ..store import Store
 
-__all__ = ["RvqstoreVectorStore"]
+__all__ = ["RvqstoreVectorStore", "RvqstoreCachedEmbeddings"]
 
 
 class RvqstoreVectorStore(VectorStore):
@@ -170,3 +171,61 @@ class RvqstoreVectorStore(VectorStore):
         store = cls(embedding, path, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
+
+
+QUERY_MARK = "\0query\0"
+"""Prefix of a query's text in the cache's keys (queries and documents may embed
+differently); a document text may not start with it."""
+
+
+class RvqstoreCachedEmbeddings(Embeddings):
+    """Any LangChain ``Embeddings`` with its results kept in an rvqstore file
+    (:class:`rvqstore.EmbeddingCache`): each text is embedded once per ``model`` name,
+    across calls, runs and processes sharing the file; queries are cached apart from
+    documents (``cache_queries=False`` leaves them uncached). The vectors come back as
+    stored: float32, and unchanged otherwise (the cache's store uses ``metric="l2"`` unless
+    ``store_options`` say otherwise). An alternative to LangChain's ``CacheBackedEmbeddings``
+    whose file is also a searchable store.
+    """
+
+    def __init__(self, underlying: Embeddings, path, *, model: str, cache_queries: bool = True,
+                 batch_size: int = 64, **store_options: Any):
+        self._underlying = underlying
+        self._cache_queries = cache_queries
+        self._lock = threading.RLock()
+        store_options.setdefault("metric", "l2")
+        self._cache = EmbeddingCache.open(path, model=model, embed=self._compute,
+                                          batch_size=batch_size, **store_options)
+
+    @property
+    def cache(self) -> EmbeddingCache:
+        return self._cache
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.close()
+
+    def _compute(self, texts):
+        out = [None] * len(texts)
+        docs = [j for j, t in enumerate(texts) if not t.startswith(QUERY_MARK)]
+        if docs:
+            for j, v in zip(docs, self._underlying.embed_documents([texts[j] for j in docs])):
+                out[j] = v
+        for j, t in enumerate(texts):
+            if t.startswith(QUERY_MARK):
+                out[j] = self._underlying.embed_query(t[len(QUERY_MARK):])
+        return np.asarray(out, np.float32)
+
+    def embed_documents(self, texts: List[str]) -> List[List[float]]:
+        texts = list(texts)
+        bad = next((t for t in texts if isinstance(t, str) and t.startswith(QUERY_MARK)), None)
+        if bad is not None:
+            raise ValueError(f"a document text may not start with {QUERY_MARK!r}: {bad[:40]!r}")
+        with self._lock:
+            return self._cache.embed(texts).tolist()
+
+    def embed_query(self, text: str) -> List[float]:
+        if not self._cache_queries:
+            return self._underlying.embed_query(text)
+        with self._lock:
+            return self._cache.embed([QUERY_MARK + text])[0].tolist()
