@@ -191,3 +191,33 @@ def _strings(pa, col, column, name):
             or pa.types.is_null(col.type)):
         raise InvalidInputError(f"{name}: column {column!r} must be text, got {col.type}")
     return col.to_pylist()
+
+
+def add_batches(store, source, *, upsert=False, skip_existing_keys=False, progress=None,
+                batches=None):
+    """Add (or with ``upsert``, upsert by key) the rows of a Parquet file or Arrow table
+    ``source`` to ``store``, one transaction per batch of :func:`read_batches`, so that a
+    file of any length never sits in memory whole; a batch that fails leaves the earlier
+    ones stored. ``progress(phase, done, total)`` after each batch. ``batches``: the
+    batches already begun (what :func:`read_batches` yielded, the rest to come). Returns
+    the rows read."""
+    pa = _pyarrow()
+    if batches is None:
+        batches = read_batches(source)
+    total = source.num_rows if isinstance(source, (pa.Table, pa.RecordBatch)) \
+        else row_count(source)
+    rows = 0
+    for batch in batches:
+        if upsert and batch.keys is None:
+            raise InvalidInputError(f"{source if isinstance(source, str) else 'the rows'}: "
+                                    "an upsert replaces by key and the rows have no keys")
+        if upsert:
+            store.upsert(batch.vectors, keys=batch.keys, metadata=batch.metadata,
+                         documents=batch.documents)
+        else:
+            store.add(batch.vectors, ids=batch.ids, keys=batch.keys, metadata=batch.metadata,
+                      documents=batch.documents, skip_existing_keys=skip_existing_keys)
+        rows += len(batch.vectors)
+        if progress is not None:
+            progress("add", rows, total)
+    return rows

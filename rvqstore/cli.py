@@ -449,7 +449,7 @@ def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
         raise click.UsageError("Parquet is read from a file, not standard input")
     progress = _Progress.for_terminal(quiet)
     t = time.perf_counter()
-    rows, total = 0, arrow.row_count(file)
+    file = str(file)
     batches = arrow.read_batches(file)
     first = next(batches, None)  # the file's columns are checked before a store is made
     if first is None:
@@ -458,19 +458,9 @@ def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
         store = _open(db, create=True)
     with store:
         before = len(store)
-        for batch in itertools.chain([first], batches):
-            if upsert and batch.keys is None:
-                raise InvalidInputError(f"{file}: --upsert replaces by key and the rows have "
-                                        "no keys")
-            if upsert:
-                store.upsert(batch.vectors, keys=batch.keys, metadata=batch.metadata,
-                             documents=batch.documents)
-            else:
-                store.add(batch.vectors, ids=batch.ids, keys=batch.keys,
-                          metadata=batch.metadata, documents=batch.documents,
-                          skip_existing_keys=skip_existing_keys)
-            rows += len(batch.vectors)
-            progress("add", rows, total)
+        rows = arrow.add_batches(store, file, upsert=upsert,
+                                 skip_existing_keys=skip_existing_keys, progress=progress,
+                                 batches=itertools.chain([first], batches))
         _added(store, db, rows, before, t, upsert, train, progress)
 
 

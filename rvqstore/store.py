@@ -529,6 +529,20 @@ class Store:
                         out += ([docs.get(i) for i in ids],)
                 yield out
 
+    def add_arrow(self, source, *, upsert=False, skip_existing_keys=False, progress=None):
+        """Add the rows of a Parquet file (path) or a ``pyarrow.Table`` ``source``: a
+        ``vector`` (or ``embedding``) column of lists of numbers and optional ``id``,
+        ``key``, ``metadata`` (JSON text or struct) and ``document`` columns (see
+        :mod:`rvqstore.arrow`). Read and added 65,536 rows per transaction, so a file of
+        any length never sits in memory whole; a batch that fails leaves the earlier ones.
+        ``upsert``: replace by key (as :meth:`upsert`). Returns the rows read. Needs the
+        ``arrow`` extra (pyarrow)."""
+        from . import arrow
+
+        source = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
+        return arrow.add_batches(self, source, upsert=upsert,
+                                 skip_existing_keys=skip_existing_keys, progress=progress)
+
     def to_arrow(self, *, batch_size=8192):
         """Every stored item as a ``pyarrow.Table`` (id, key, vector, metadata as JSON text,
         document; see :mod:`rvqstore.arrow`, which also streams it to Parquet). Needs the

@@ -126,3 +126,23 @@ def test_not_a_parquet_file(tmp_path):
     src.write_bytes(b"not parquet")
     result = CliRunner().invoke(main, ["add", str(tmp_path / "n.db"), str(src)])
     assert result.exit_code != 0 and "is not a Parquet file" in result.output
+
+
+def test_store_add_arrow_streams_batches_and_upserts(tmp_path):
+    x = np.random.default_rng(2).standard_normal((5, 3)).astype(np.float32)
+    table = pa.table({"vector": pa.array(list(x), pa.list_(pa.float32(), 3)),
+                      "key": ["a", "b", "c", "d", "e"],
+                      "document": ["one", "two", "three", "four", "five"]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path)
+    seen = []
+    with Store.open(tmp_path / "s.db") as s:
+        assert s.add_arrow(path, progress=lambda *a: seen.append(a)) == 5
+        assert seen[-1] == ("add", 5, 5)
+        changed = pa.table({"vector": pa.array(list(x[:2] + 1), pa.list_(pa.float32(), 3)),
+                            "key": ["a", "zz"]})
+        assert s.add_arrow(changed, upsert=True) == 2
+        assert len(s) == 6
+        np.testing.assert_array_equal(s.get(keys=["a"])[0], x[0] + 1)
+        with pytest.raises(InvalidInputError, match="no keys"):
+            s.add_arrow(pa.table({"vector": [[1.0, 2.0, 3.0]]}), upsert=True)
