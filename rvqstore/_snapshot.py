@@ -144,8 +144,8 @@ def load(db, config: Config, old, partitions=None):
         raise BadFileError(f"{db.path}: the code blocks hold {len(kept.ids)} vectors, the "
                            f"store {count} and {len(dead)} deleted: the file is corrupted")
     nblocks = first + nread
-    # the last block stays ungrouped (others' appends rewrite it) unless that leaves more
-    # rows ungrouped than an index regroups at
+    # the last block stays ungrouped (others' appends rewrite it) unless it is more than an
+    # eighth of the rows (a small store, maybe one block: then every row is grouped)
     tail_from = max(nblocks - 1, 0) * config.block_size
     if len(kept.ids) - tail_from > len(kept.ids) // 8:
         tail_from = None

@@ -19,7 +19,7 @@ from . import _config, _snapshot, _training, _writes
 from . import algo
 from ._config import meta_int
 from .algo import SearchResult
-from .algo.index import FlatCodeIndex, PartitionedCodeIndex, calibrate_nprobe
+from .algo.index import PartitionedCodeIndex, calibrate_nprobe, scan_every_code
 from .algo.validate import MAX_K, METRICS, check_k
 from .filters import Filter
 from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
@@ -759,19 +759,27 @@ class Store:
         own = ids[keep]
         if self.metric == "cosine":
             queries = algo.search.normalize(queries)
+        k = 10
+        reranks = self.config.keep_originals and len(queries)
+        # one scan of every code serves both choices: its top k + 1 for nprobe, its top
+        # k * 50 + 1 (the adaptive rerank's deepest) as the margin's candidates
+        full = scan_every_code(index, queries, k * AUTO_RERANK[1] + 1 if reranks else k + 1) \
+            if len(queries) else None
         index.nprobe, index.calibration = calibrate_nprobe(
-            index, queries, own, k=10, target=self.CALIBRATION_TARGET)
-        if self.config.keep_originals and len(queries):
-            index.error_z = self._calibrated_z(index, queries, own, k=10)
+            index, queries, own, k=k, target=self.CALIBRATION_TARGET, full=full)
+        if reranks:
+            index.error_z = self._calibrated_z(index, queries, own, k, full)
 
-    def _calibrated_z(self, index, queries, own, k):
+    def _calibrated_z(self, index, queries, own, k, full):
         """The least margin (in standard deviations) of ERROR_Z_CHOICES at which the
         adaptive rerank at ``index.nprobe`` finds RECALL_TARGET of the held-out ``queries``'
         k nearest (their own ids ``own`` left out), or comes within half a percent of the
-        best any choice finds when none reaches it."""
-        depth = k * AUTO_RERANK[1] + 1
-        every = FlatCodeIndex(index.metric, index.rq, index.ids[index.rows], index.codes,
-                              None, index.bias).search(queries, k=depth)
+        best any choice finds when none reaches it. ``full``: :func:`scan_every_code` of
+        the queries, ``k * 50 + 1`` deep."""
+        depth = full.ids.shape[1]
+        every = SearchResult(np.where(full.ids >= 0,
+                                      index.ids[index.rows[np.maximum(full.ids, 0)]], -1),
+                             full.distances)
         near = index.search(queries, k=min(depth, len(index.ids)))
         cache = {}
 

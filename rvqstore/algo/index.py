@@ -461,7 +461,15 @@ query, 1/8 adds 0.58 ms; regrouping a million rows takes 0.03-0.08 s."""
 _NO_MASK = np.empty(0, np.bool_)
 
 
-def calibrate_nprobe(index, queries, own, *, k, target=0.99):
+def scan_every_code(index, queries, k):
+    """The k best rows of a partitioned index for each query by scanning every code (what
+    its cells approximate): a SearchResult whose ids are positions in ``index``."""
+    positions = np.arange(len(index.rows), dtype=np.int64)
+    return FlatCodeIndex(index.metric, index.rq, positions, index.codes, None,
+                         index.bias).search(queries, k=k)
+
+
+def calibrate_nprobe(index, queries, own, *, k, target=0.99, full=None):
     """The least ``nprobe`` at which a partitioned index's probe would reach ``target`` of
     the queries' k nearest by the codes (what scanning every row ranks first), over all
     queries together.
@@ -470,15 +478,16 @@ def calibrate_nprobe(index, queries, own, *, k, target=0.99):
     int64 (nq,), their ids). Each such neighbour is found once the probe has taken its
     cell, that is once it has scanned the rows of every cell whose centre scores no worse;
     the budget reaching ``target`` of them, in average cells' worth of rows, is the answer
-    (the probe's buckets only add rows). Returns (nprobe, share of neighbours it reaches).
+    (the probe's buckets only add rows). ``full``: :func:`scan_every_code` of the queries
+    with at least k + 1 columns, when the caller has it. Returns (nprobe, share of
+    neighbours it reaches).
     """
     m = len(index.c0)
     if m == 0 or not len(queries):
         return DEFAULT_NPROBE, None
-    K, n = index.rq.codebook_size, len(index.rows)
-    positions = np.arange(n, dtype=np.int64)
-    full = FlatCodeIndex(index.metric, index.rq, positions, index.codes, None,
-                         index.bias).search(queries, k=k + 1)  # ids: positions
+    K = index.rq.codebook_size
+    if full is None:
+        full = scan_every_code(index, queries, k + 1)
     sizes = np.diff(index.starts)
     lut, _ = index.rq.lut(queries, index.metric)
     need = []

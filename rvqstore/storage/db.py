@@ -505,9 +505,7 @@ class Database:
     def read_blocks(self, version, first=0):
         """Rows (block, count, ids, codes, norms, checksum) of ``version`` from block
         ``first`` on (checksum None before schema 2)."""
-        return self.query(f"SELECT {self._block_columns()} FROM rvq_blocks "
-                          "WHERE version = ? AND block >= ? ORDER BY block",
-                          (version, first)).fetchall()
+        return self.iter_blocks(version, first).fetchall()
 
     def count_blocks(self, version, first=0):
         return self.query("SELECT COUNT(*) FROM rvq_blocks WHERE version = ? AND block >= ?",
