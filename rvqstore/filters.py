@@ -27,26 +27,31 @@ Filter language
 
 Operators and their operands:
 
-=============  ===================================  ========================================
-operator       operand                              a row passes when the field's value ...
-=============  ===================================  ========================================
-``$eq``        a scalar (str, number, bool, None)   equals the operand
-``$ne``        a scalar                             does not equal it (``not $eq``)
-``$gt``        a number or a string                 is greater (same type family only)
-``$gte``       a number or a string                 is greater or equal
-``$lt``        a number or a string                 is less
-``$lte``       a number or a string                 is less or equal
-``$in``        a list of scalars                    equals one of them
-``$nin``       a list of scalars                    equals none of them (``not $in``)
-``$exists``    true or false                        is present (any value, None included)
-``$contains``  a scalar                             is a list holding an element equal to
-                                                    the operand, or a scalar equal to it
-=============  ===================================  ========================================
+===============  ===================================  ========================================
+operator         operand                              a row passes when the field's value ...
+===============  ===================================  ========================================
+``$eq``          a scalar (str, number, bool, None)   equals the operand
+``$ne``          a scalar                             does not equal it (``not $eq``)
+``$gt``          a number or a string                 is greater (same type family only)
+``$gte``         a number or a string                 is greater or equal
+``$lt``          a number or a string                 is less
+``$lte``         a number or a string                 is less or equal
+``$in``          a list of scalars                    equals one of them
+``$nin``         a list of scalars                    equals none of them (``not $in``)
+``$exists``      true or false                        is present (any value, None included)
+``$contains``    a scalar                             is a list holding an element equal to
+                                                      the operand, or a scalar equal to it
+``$substring``   a string                             is a string holding the operand
+``$isubstring``  a string                             is a string holding it, ignoring case
+                                                      (both sides ``str.lower()``-ed)
+``$size``        an int >= 0                          is a list of exactly that many elements
+===============  ===================================  ========================================
 
 Rules, applied identically by :meth:`Filter.mask` and :meth:`Filter.matches`:
 
 - **Missing fields.** On a row that lacks the field (or has no metadata at all) ``$eq``,
-  ``$gt``, ``$gte``, ``$lt``, ``$lte``, ``$in`` and ``$contains`` are false; ``$ne`` and
+  ``$gt``, ``$gte``, ``$lt``, ``$lte``, ``$in``, ``$contains``, ``$substring``,
+  ``$isubstring`` and ``$size`` are false; ``$ne`` and
   ``$nin`` are true (MongoDB's rule: they are the negations of ``$eq`` and ``$in``);
   ``$exists: false`` is true; ``$not`` negates whatever its filter gives. A field whose
   value is None is present: ``{"f": None}`` matches it, not a row lacking ``f``.
@@ -92,7 +97,9 @@ MAX_DEPTH = 64
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _MISSING, _NULL, _BOOL, _NUM, _STR, _LIST = range(6)
 _ORDER_OPS = ("$gt", "$gte", "$lt", "$lte")
-_FIELD_OPS = ("$eq", "$ne", "$in", "$nin", "$exists", "$contains") + _ORDER_OPS
+_TEXT_OPS = ("$substring", "$isubstring")
+_FIELD_OPS = (("$eq", "$ne", "$in", "$nin", "$exists", "$contains", "$size") + _TEXT_OPS
+              + _ORDER_OPS)
 _PY_CMP = {"$eq": operator.eq, "$gt": operator.gt, "$gte": operator.ge,
            "$lt": operator.lt, "$lte": operator.le}
 
@@ -624,6 +631,24 @@ def _contains_mask(f: _Field, x, n):
     return m
 
 
+def _substring_mask(f: _Field, op, x, n):
+    """Rows holding a string that contains x (per distinct string once, then by code)."""
+    if f.codes is None:
+        return np.zeros(n, bool)
+    if op == "$isubstring":
+        x = x.lower()
+        table = np.fromiter((x in w.lower() for w in f.vocab), bool, len(f.vocab))
+    else:
+        table = np.fromiter((x in w for w in f.vocab), bool, len(f.vocab))
+    return np.take(np.append(table, False), f.codes)  # code -1 (not a string): last slot
+
+
+def _size_mask(f: _Field, x, n):
+    if f.list_off is None:
+        return np.zeros(n, bool)
+    return (f.kind == _LIST) & (np.diff(f.list_off) == x)
+
+
 # ----------------------------------------------------------------------------- filter tree
 
 class _Node:
@@ -698,6 +723,10 @@ class _Pred(_Node):
             return f.kind != _MISSING if x else f.kind == _MISSING
         if op == "$contains":
             return _contains_mask(f, x, n)
+        if op in _TEXT_OPS:
+            return _substring_mask(f, op, x, n)
+        if op == "$size":
+            return _size_mask(f, x, n)
         if type(x) is str:
             return _str_order(f, op, x, n)
         return _num_cmp(f, op, x, n)
@@ -721,6 +750,12 @@ class _Pred(_Node):
             return any(_py_eq(v, y) for y in x)
         if op == "$contains":
             return any(_py_eq(e, x) for e in v) if isinstance(v, list) else _py_eq(v, x)
+        if op == "$substring":
+            return type(v) is str and x in v
+        if op == "$isubstring":
+            return type(v) is str and x.lower() in v.lower()
+        if op == "$size":
+            return isinstance(v, list) and len(v) == x
         return _family(v) == _family(x) and _PY_CMP[op](v, x)
 
 
@@ -810,6 +845,14 @@ def _pred(name, op, x) -> _Pred:
         if type(x) is not bool:
             raise InvalidInputError(f"{where} needs true or false, got {_type_name(x)}")
         return _Pred(name, op, x)
+    if op in _TEXT_OPS:
+        if not isinstance(x, str):
+            raise InvalidInputError(f"{where} needs a string, got {_type_name(x)}")
+        return _Pred(name, op, _operand(where, "a string", x))
+    if op == "$size":
+        if type(x) is bool or not isinstance(x, (int, np.integer)) or x < 0:
+            raise InvalidInputError(f"{where} needs an int >= 0, got {_show(x)}")
+        return _Pred(name, op, int(x))
     if op in ("$in", "$nin"):
         if not isinstance(x, (list, tuple)):
             raise InvalidInputError(f"{where} needs a list of scalars, got {_type_name(x)}")

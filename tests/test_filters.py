@@ -22,7 +22,8 @@ POOL = [0, 1, -1, 2, 1.0, 0.5, -0.0, 2.5, -7.25, 2**53, 2**53 + 1, 2**53 + 2, fl
         "", "a", "b", "ab", "B", "é", "\x00", "a\x00", 'x"y', "z" * 300, "日本"] + HOSTILE
 ORDER_OPS = ["$gt", "$gte", "$lt", "$lte"]
 PROPERTY = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALL_OPS = ["$eq", "$ne", "$in", "$nin", "$exists", "$contains"] + ORDER_OPS
+TEXT_OPS = ["$substring", "$isubstring"]
+ALL_OPS = ["$eq", "$ne", "$in", "$nin", "$exists", "$contains", "$size"] + TEXT_OPS + ORDER_OPS
 
 any_scalar = st.one_of(
     st.sampled_from(POOL),
@@ -42,8 +43,11 @@ def _strategies(pool, fresh):
     scalars = st.one_of(st.sampled_from(pool), any_scalar) if fresh else st.sampled_from(pool)
     values = st.one_of(scalars, st.lists(scalars, max_size=4))
     orderable = st.one_of(scalars.filter(_orderable), st.sampled_from([0, "a", 2**53 + 1]))
+    pieces = st.one_of(scalars.filter(lambda x: isinstance(x, str)).map(lambda w: w[:2]),
+                       st.sampled_from(["", "A", "b", "É", "\x00"]))
     operand = {"$in": st.lists(scalars, max_size=12), "$nin": st.lists(scalars, max_size=12),
-               "$exists": st.booleans(), **{op: orderable for op in ORDER_OPS}}
+               "$exists": st.booleans(), "$size": st.integers(0, 4),
+               **{op: orderable for op in ORDER_OPS}, **{op: pieces for op in TEXT_OPS}}
     return scalars, values, lambda op: operand.get(op, scalars)
 
 
@@ -226,6 +230,14 @@ TOY = [
     ({"t": {"$contains": True}}, [3]),
     ({"t": {"$contains": None}}, [3]),
     ({"t": {"$in": ["x"]}}, [1]),
+    ({"t": {"$size": 0}}, [2]),                          # a list's length; scalars never
+    ({"t": {"$size": 1}}, [5]),
+    ({"s": {"$substring": "a"}}, [2]),                   # strings only: 2 is not "2"
+    ({"s": {"$substring": "b"}}, [0, 2]),
+    ({"s": {"$isubstring": "b"}}, [0, 1, 2]),
+    ({"s": {"$substring": ""}}, [0, 1, 2]),
+    ({"t": {"$substring": "x"}}, [1]),                   # not list members: $contains is
+    ({"nope": {"$substring": ""}}, []),
     ({"nope": {"$ne": 1}}, [0, 1, 2, 3, 4, 5, 6]),
     ({"nope": {"$lt": 1}}, []),
     ({"$and": []}, [0, 1, 2, 3, 4, 5, 6]),
@@ -272,6 +284,11 @@ def test_matches_handles_no_metadata_and_mask_is_fresh():
     ({"a": {"$in": [1, [2]]}}, ["$in", "got list"]),
     ({"a": {"$exists": 1}}, ["$exists", "true or false, got int"]),
     ({"a": {"$contains": [1]}}, ["$contains", "got list"]),
+    ({"a": {"$substring": 1}}, ["$substring", "'a'", "needs a string, got int"]),
+    ({"a": {"$isubstring": None}}, ["$isubstring", "needs a string, got None"]),
+    ({"a": {"$size": -1}}, ["$size", "int >= 0, got -1"]),
+    ({"a": {"$size": True}}, ["$size", "got True"]),
+    ({"a": {"$size": 1.5}}, ["$size", "got 1.5"]),
     ({"a": {}}, ["'a'", "empty operator dict"]),
     ({"a": {"$not": 3}}, ["$not", "'a'", "got int"]),
     ({"$and": {"a": 1}}, ["$and", "needs a list of filters, got dict"]),
