@@ -552,9 +552,17 @@ class Store:
         return arrow.to_arrow(self, batch_size=batch_size)
 
     @_translated
-    def ids(self):
-        """Every stored id, ascending (int64)."""
-        return np.asarray(self._live().all_ids(), np.int64)
+    def ids(self, where=None):
+        """Every stored id, ascending (int64); with ``where``, those of the items that pass
+        the filter."""
+        if where is None:
+            return np.asarray(self._live().all_ids(), np.int64)
+        self._live()
+        self._learn_dim()
+        if self.config.dim is None:
+            Filter.parse(where)  # still refuse a malformed filter
+            return np.zeros(0, np.int64)
+        return self._matching_ids(where)
 
     @_translated
     def ids_for_keys(self, keys, *, missing="raise"):

@@ -74,6 +74,7 @@ def test_filtered_search_is_the_nearest_among_passing_items(items, name):
     recall = np.mean([len(set(a) & set(b)) / min(k, len(b)) for a, b in zip(res.ids, want)])
     assert recall >= 0.95, recall
     assert s.count(where) == passing.sum()
+    assert s.ids(where).tolist() == np.flatnonzero(passing).tolist()  # ids 0..N-1, ascending
 
 
 def test_anti_correlated_filter_is_not_confined_to_the_query_neighbourhood(items):
@@ -179,6 +180,8 @@ def test_bad_filters_are_refused_by_name(items, where, named):
         s.search(x[0], k=3, where=where)
     with pytest.raises(InvalidInputError):
         s.count(where)
+    with pytest.raises(InvalidInputError):
+        s.ids(where)
 
 
 def test_bad_metadata_is_refused_and_nothing_is_added(items):
