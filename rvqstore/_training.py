@@ -6,13 +6,16 @@ active in one final transaction. :func:`drop_stale_builds` removes what a crashe
 left behind; :func:`check` verifies the active version's blocks against the vectors.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
-from ._config import meta_int, unpack
+from ._config import MAX_META_INT, meta_int, naming, unpack
 from . import _snapshot
 from ._writes import report, write_blocks
 from .algo import ResidualQuantizer
-from .errors import LockedError, NotTrainedError, RvqstoreError
+from .errors import (DuplicateError, InvalidInputError, LockedError, NotTrainedError,
+                     RvqstoreError)
 from .storage import codes as codeblocks
 from .storage import pack_codebooks
 
@@ -146,3 +149,80 @@ def check(db, config):
                     except RvqstoreError as exc:
                         problems.append(str(exc))
     return problems
+
+
+def live_codes(db, config):
+    """Yield ``(ids, codes, norms)`` of the active version's live vectors, block by block
+    (call inside ``db.read()``: one snapshot throughout)."""
+    version = meta_int(db.meta(), "active_version", db.path)
+    if not version:
+        raise NotTrainedError(f"{db.path} is not trained: it has no codes yet")
+    dead = np.asarray(sorted(db.tombstones()), np.int64)
+    with naming(db.path):
+        for ids, codes, norms in codeblocks.iter_codes(db, version, _snapshot.layout(config)):
+            if dead.size:
+                keep = ~np.isin(ids, dead)
+                ids, codes, norms = ids[keep], codes[keep], norms[keep]
+            if len(ids):
+                yield ids, codes, norms
+
+
+class Figures(NamedTuple):
+    """A codebook version's training figures, carried along with its codebooks."""
+
+    train_count: int
+    train_mse: float
+    added_count: int = 0
+    added_sq_error: float = 0.0
+
+
+def install(db, config, rq, figures, batches, progress, total=None):
+    """Write rows with their given codes into an empty, untrained store as a new active
+    codebook version ``rq``, in one transaction (all or nothing): no training, no encoding.
+
+    batches : iterable of (ids int64, keys list, blobs list (None without originals),
+        metadata texts or None, documents or None, codes uint8 (n, stages), norms float32),
+        each checked by the caller; ids and keys must be new across batches.
+    total : the number of rows expected, for progress (None: unknown)
+    """
+    c = config
+    with db.write():
+        meta = db.meta()
+        if meta_int(meta, "active_version", db.path) or db.count():
+            raise InvalidInputError(f"{db.path} holds vectors or codebooks already: codes are "
+                                    "imported into an empty, untrained store")
+        version = db.next_version()
+        db.insert_codebooks(version, "building", rq.stages, rq.codebook_size, rq.dim,
+                            pack_codebooks(rq.codebooks), figures.train_count,
+                            figures.train_mse)
+        if figures.added_count:
+            db.record_added_error(version, figures.added_count, figures.added_sq_error)
+        pending, block, done, top = [], 0, 0, -1
+        for ids, keys, blobs, metas, docs, codes, norms in batches:
+            taken = db.existing_ids(ids.tolist())
+            if taken:
+                raise DuplicateError(f"ids given twice: {sorted(taken)[:5]}")
+            named = [k for k in keys if k is not None]
+            taken = db.existing_keys(named) if named else ()
+            if taken:
+                raise DuplicateError(f"keys given twice: {sorted(taken)[:5]}")
+            db.insert_vectors(ids.tolist(), keys, blobs, metas, docs)
+            pending.append((ids, codes, norms))
+            held = sum(len(p[0]) for p in pending)
+            if held >= c.block_size:  # write the full blocks, carry the rest
+                cat = [np.concatenate(a) for a in zip(*pending)]
+                full = held // c.block_size * c.block_size
+                write_blocks(db, c, version, *(a[:full] for a in cat), first_block=block)
+                block += full // c.block_size
+                pending = [tuple(a[full:] for a in cat)]
+            done += len(ids)
+            top = max(top, int(ids.max()))
+            report(progress, "import", done, max(done, total or 0))
+        if sum(len(p[0]) for p in pending):
+            write_blocks(db, c, version, *(np.concatenate(a) for a in zip(*pending)),
+                         first_block=block)
+        if not done:
+            raise InvalidInputError("no rows to import")
+        db.set_codebook_state(version, "active")
+        db.set_meta(active_version=version, next_id=min(top + 1, MAX_META_INT))
+    return done

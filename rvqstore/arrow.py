@@ -18,6 +18,46 @@ Reading (``rvqstore add FILE.parquet``, :func:`read_batches`) takes a ``vector``
 fixed-size or variable lists of numbers (``embedding`` is accepted too) and, when present,
 ``id`` (integers), ``key`` and ``document`` (strings) and ``metadata`` (JSON text or a
 struct), batch by batch: a file of any length never sits in memory whole.
+
+The quantized form
+------------------
+:func:`write_quantized` (``rvqstore export DB --quantized -o DIR``) writes a trained
+store's codebooks and every vector's codes to a directory of two Parquet files, so that
+another tool can read and decode the codes without training, and :func:`read_quantized`
+(``rvqstore import DIR DB``) rebuilds a store from them without training or encoding.
+
+``codebooks.parquet``, one row per codeword, ordered by stage then codeword:
+
+=========  ====================================  ==========================================
+column     Arrow type                            holds
+=========  ====================================  ==========================================
+stage      int16                                 the RVQ stage, 0 .. stages - 1
+codeword   int16                                 its number in the stage, 0 .. size - 1
+vector     fixed_size_list<float32>[dim]         the codeword
+=========  ====================================  ==========================================
+
+``codes.parquet``, one row per stored vector (in the store's block order):
+
+=========  ====================================  ==========================================
+column     Arrow type                            holds
+=========  ====================================  ==========================================
+id         int64                                 the store's id
+key        string (null: no key)                 the item's key
+codes      fixed_size_list<uint8>[stages]        code of each stage
+sq_norm    float32                               ``||x^||^2`` of the decoded vector
+vector     fixed_size_list<float32>[dim]         the original (only when exported with them)
+metadata   string (null: none)                   the item's metadata as a JSON object
+document   string (null: none)                   the item's document
+=========  ====================================  ==========================================
+
+A vector decodes as ``x^ = sum over stages s of codebooks[s, codes[s]]`` (for
+``metric="cosine"`` the store encodes unit vectors). Both files' schemas carry the key
+``rvqstore`` in their key-value metadata: a JSON object with ``format``
+(``"rvqstore-quantized"``), ``format_version`` (1), ``rvqstore_version``, ``dim``,
+``metric``, ``stages``, ``codebook_size``, ``codebook_version``, ``trained_at``, the
+training figures ``train_count``, ``train_mse``, ``added_count``, ``added_sq_error``
+(which set the adaptive rerank's depth), ``originals`` (how the store kept them),
+``block_size``, ``count`` (rows of codes.parquet) and ``with_vectors``.
 """
 
 import json
@@ -159,31 +199,34 @@ def _loaded(pa, batch, column, name, start):
         if all(d is None for d in documents):
             documents = None
     if "metadata" in names:
-        col = batch.column("metadata")
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            metadata = []
-            for i, text in enumerate(col.to_pylist()):
-                try:
-                    value = None if text is None else json.loads(text)
-                except ValueError as exc:
-                    raise InvalidInputError(f"{name}: row {start + i} metadata is not JSON "
-                                            f"({exc})") from None
-                metadata.append(value)
-        elif pa.types.is_struct(col.type) or pa.types.is_map(col.type):
-            metadata = col.to_pylist()
-            if pa.types.is_map(col.type):
-                metadata = [None if m is None else dict(m) for m in metadata]
-        else:
-            raise InvalidInputError(f"{name}: column 'metadata' must be JSON text or a "
-                                    f"struct, got {col.type}")
-        for i, meta in enumerate(metadata):
-            try:
-                metadata[i] = validate_metadata(meta)
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"{name}: row {start + i}: {exc}") from None
-        if all(m is None for m in metadata):
-            metadata = None
+        metadata = _metadata(pa, batch.column("metadata"), name, start)
     return Loaded(vectors, ids, keys, metadata, documents)
+
+
+def _metadata(pa, col, name, start):
+    """The checked metadata of a column (JSON text, struct or map), or None if all null."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        metadata = []
+        for i, text in enumerate(col.to_pylist()):
+            try:
+                value = None if text is None else json.loads(text)
+            except ValueError as exc:
+                raise InvalidInputError(f"{name}: row {start + i} metadata is not JSON "
+                                        f"({exc})") from None
+            metadata.append(value)
+    elif pa.types.is_struct(col.type) or pa.types.is_map(col.type):
+        metadata = col.to_pylist()
+        if pa.types.is_map(col.type):
+            metadata = [None if m is None else dict(m) for m in metadata]
+    else:
+        raise InvalidInputError(f"{name}: column 'metadata' must be JSON text or a "
+                                f"struct, got {col.type}")
+    for i, meta in enumerate(metadata):
+        try:
+            metadata[i] = validate_metadata(meta)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{name}: row {start + i}: {exc}") from None
+    return None if all(m is None for m in metadata) else metadata
 
 
 def _strings(pa, col, column, name):
@@ -221,3 +264,209 @@ def add_batches(store, source, *, upsert=False, skip_existing_keys=False, progre
         if progress is not None:
             progress("add", rows, total)
     return rows
+
+
+# ----------------------------------------------------------------------------- quantized
+
+QUANTIZED_FORMAT = "rvqstore-quantized"
+QUANTIZED_VERSION = 1
+CODEBOOKS_FILE, CODES_FILE = "codebooks.parquet", "codes.parquet"
+_HEADER_KEY = b"rvqstore"
+
+
+def quantized_schemas(dim, stages, with_vectors):
+    """(codebooks schema, codes schema) of the quantized form, without the header."""
+    pa = _pyarrow()
+    books = pa.schema([("stage", pa.int16()), ("codeword", pa.int16()),
+                       ("vector", pa.list_(pa.float32(), dim))])
+    cols = [("id", pa.int64()), ("key", pa.string()),
+            ("codes", pa.list_(pa.uint8(), stages)), ("sq_norm", pa.float32())]
+    if with_vectors:
+        cols.append(("vector", pa.list_(pa.float32(), dim)))
+    cols += [("metadata", pa.string()), ("document", pa.string())]
+    return books, pa.schema(cols)
+
+
+def write_quantized(store, directory, *, with_vectors=None, progress=None):
+    """Write ``store``'s codebooks and codes to ``directory`` (created if missing; its two
+    files replaced): see the module docstring. ``with_vectors``: also the originals (None:
+    when the store keeps them). Returns the rows written. Streams block by block."""
+    import os
+
+    from . import __version__
+
+    pa = _pyarrow()
+    rq = store.quantizer()
+    info = store.info()
+    if with_vectors is None:
+        with_vectors = store.config.keep_originals
+    if with_vectors and not store.config.keep_originals:
+        raise InvalidInputError(f"{store.path} keeps no originals to export")
+    S, K, dim = rq.codebooks.shape
+    header = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION,
+              "rvqstore_version": __version__, "dim": dim, "metric": store.metric,
+              "stages": S, "codebook_size": K, "codebook_version": info["codebook_version"],
+              "trained_at": info["trained_at"], "train_count": info["train_count"],
+              "train_mse": info["train_mse"], "added_count": info["added_since_training"],
+              "added_sq_error": info["added_sq_error"], "originals": store.config.originals,
+              "block_size": store.config.block_size, "count": info["count"],
+              "with_vectors": bool(with_vectors)}
+    meta = {_HEADER_KEY: json.dumps(header).encode()}
+    books_schema, codes_schema = quantized_schemas(dim, S, with_vectors)
+    books_schema, codes_schema = (books_schema.with_metadata(meta),
+                                  codes_schema.with_metadata(meta))
+    os.makedirs(directory, exist_ok=True)
+    flat = pa.array(rq.codebooks.reshape(-1).astype(np.float32), pa.float32())
+    table = pa.Table.from_arrays(
+        [pa.array(np.repeat(np.arange(S), K), pa.int16()),
+         pa.array(np.tile(np.arange(K), S), pa.int16()),
+         pa.FixedSizeListArray.from_arrays(flat, dim)], schema=books_schema)
+    pa.parquet.write_table(table, os.path.join(directory, CODEBOOKS_FILE))
+    done = 0
+    with pa.parquet.ParquetWriter(os.path.join(directory, CODES_FILE), codes_schema) as writer:
+        for ids, codes, norms in store.iter_codes():
+            at = ids.tolist()
+            cols = [pa.array(ids, pa.int64()), pa.array(store.keys(at), pa.string()),
+                    pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.uint8()),
+                                                      S),
+                    pa.array(norms, pa.float32())]
+            if with_vectors:
+                vecs = np.ascontiguousarray(store.get(at), np.float32).reshape(-1)
+                cols.append(pa.FixedSizeListArray.from_arrays(pa.array(vecs, pa.float32()),
+                                                              dim))
+            cols.append(pa.array([None if m is None else json.dumps(m, ensure_ascii=False)
+                                  for m in store.metadata(at)], pa.string()))
+            cols.append(pa.array(store.documents(at), pa.string()))
+            writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=codes_schema))
+            done += len(ids)
+            if progress is not None:
+                progress("export", done, header["count"])
+    return done
+
+
+def read_quantized_header(directory):
+    """The header of the quantized form in ``directory`` (checked: format, version, the
+    two files agree), and the codebooks as a ``ResidualQuantizer``."""
+    import os
+
+    from .algo import ResidualQuantizer
+
+    pa = _pyarrow()
+    headers, tables = [], {}
+    for name in (CODEBOOKS_FILE, CODES_FILE):
+        path = os.path.join(directory, name)
+        try:
+            schema = pa.parquet.read_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise InvalidInputError(f"{directory} is not an rvqstore quantized export: "
+                                    f"{name}: {exc}") from None
+        raw = (schema.metadata or {}).get(_HEADER_KEY)
+        try:
+            header = json.loads(raw) if raw is not None else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != QUANTIZED_FORMAT:
+            raise InvalidInputError(f"{path} has no rvqstore quantized header: not an "
+                                    "export of ours")
+        fv = header.get("format_version")
+        if not isinstance(fv, int) or fv > QUANTIZED_VERSION:
+            raise InvalidInputError(f"{path} is quantized format version {fv!r}; this rvqstore "
+                                    f"reads version {QUANTIZED_VERSION}: upgrade rvqstore")
+        headers.append(header)
+        tables[name] = schema
+    if headers[0] != headers[1]:
+        raise InvalidInputError(f"{directory}: {CODEBOOKS_FILE} and {CODES_FILE} come from "
+                                "different exports (their headers differ)")
+    h = headers[0]
+    for name, kind in (("dim", int), ("stages", int), ("codebook_size", int), ("count", int),
+                       ("train_count", int), ("added_count", int), ("block_size", int)):
+        if isinstance(h.get(name), bool) or not isinstance(h.get(name), kind) or h[name] < 0:
+            raise InvalidInputError(f"{directory}: header field {name!r} is {h.get(name)!r}")
+    S, K, dim = h["stages"], h["codebook_size"], h["dim"]
+    want_books, want_codes = quantized_schemas(dim, S, bool(h.get("with_vectors")))
+    for name, want in ((CODEBOOKS_FILE, want_books), (CODES_FILE, want_codes)):
+        if not tables[name].remove_metadata().equals(want):
+            raise InvalidInputError(f"{directory}: {name} does not have the documented "
+                                    f"schema for dim={dim}, stages={S}: {tables[name]}")
+    if not 1 <= S * K * dim <= 1 << 28:
+        raise InvalidInputError(f"{directory}: codebooks of {S} x {K} x {dim} are out of range")
+    books = pa.parquet.read_table(os.path.join(directory, CODEBOOKS_FILE))
+    stage = books.column("stage").to_numpy()
+    word = books.column("codeword").to_numpy()
+    if (books.num_rows != S * K or books.column("vector").null_count
+            or not np.array_equal(stage, np.repeat(np.arange(S), K))
+            or not np.array_equal(word, np.tile(np.arange(K), S))):
+        raise InvalidInputError(f"{directory}: {CODEBOOKS_FILE} must hold {S} x {K} codewords "
+                                "ordered by stage then codeword")
+    vecs = np.asarray(books.column("vector").combine_chunks().flatten().to_numpy(),
+                      np.float32).reshape(S, K, dim)
+    if not np.isfinite(vecs).all():
+        raise InvalidInputError(f"{directory}: codebooks hold values that are not finite")
+    return h, ResidualQuantizer(vecs)
+
+
+def read_quantized(directory, path, *, batch_size=65536, progress=None, **store_options):
+    """A new store at ``path`` (which must not exist) rebuilt from the quantized form in
+    ``directory``: same ids, keys, codes, codebooks and training figures, so that it
+    answers searches as the exported store did; no training, no encoding; one transaction
+    (a failure leaves no file). ``store_options`` go to :meth:`Store.open` (the header
+    sets dim, metric, stages, codebook_size, block_size, originals; ``keep_originals``
+    follows whether the export has vectors). Returns the open store."""
+    import os
+
+    from .store import Store
+
+    pa = _pyarrow()
+    if os.path.exists(path):
+        raise InvalidInputError(f"{path} exists: import builds a new store")
+    h, rq = read_quantized_header(directory)
+    with_vectors = bool(h.get("with_vectors"))
+    options = dict(dim=h["dim"], metric=h["metric"], stages=h["stages"],
+                   codebook_size=h["codebook_size"], keep_originals=with_vectors)
+    if with_vectors:
+        options["originals"] = h["originals"]
+    if h["block_size"]:
+        options["block_size"] = h["block_size"]
+    options.update(store_options)
+    codes_path = os.path.join(directory, CODES_FILE)
+    store = Store.open(path, **options)
+    try:
+        parquet = pa.parquet.ParquetFile(codes_path)
+        if parquet.metadata.num_rows != h["count"]:
+            raise InvalidInputError(f"{codes_path} holds {parquet.metadata.num_rows} rows, its "
+                                    f"header says {h['count']}")
+        store.import_codes(rq, _code_batches(pa, parquet, codes_path, h, batch_size),
+                           train_count=h["train_count"], train_mse=h["train_mse"],
+                           added_count=h["added_count"], added_sq_error=h["added_sq_error"],
+                           total=h["count"], progress=progress)
+    except BaseException:
+        store.close()
+        for suffix in ("", "-wal", "-shm", "-journal", "-build"):
+            if os.path.exists(str(path) + suffix):
+                os.remove(str(path) + suffix)
+        raise
+    return store
+
+
+def _code_batches(pa, parquet, name, h, batch_size):
+    S = h["stages"]
+    start = 0
+    for batch in parquet.iter_batches(batch_size=batch_size):
+        for col in ("id", "codes", "sq_norm"):
+            if batch.column(col).null_count:
+                raise InvalidInputError(f"{name}: column {col!r} has nulls (rows from {start})")
+        n = batch.num_rows
+        codes = np.asarray(batch.column("codes").flatten().to_numpy(), np.uint8).reshape(n, S)
+        out = {"ids": np.asarray(batch.column("id").to_numpy(), np.int64), "codes": codes,
+               "sq_norms": np.asarray(batch.column("sq_norm").to_numpy(), np.float32),
+               "keys": _strings(pa, batch.column("key"), "key", name)}
+        if h.get("with_vectors"):
+            vec = batch.column("vector")
+            if vec.null_count:
+                raise InvalidInputError(f"{name}: column 'vector' has nulls (rows from {start})")
+            out["vectors"] = np.asarray(vec.flatten().to_numpy(), np.float32).reshape(n, h["dim"])
+        out["metadata"] = _metadata(pa, batch.column("metadata"), name, start)
+        docs = _strings(pa, batch.column("document"), "document", name)
+        out["documents"] = None if all(d is None for d in docs) else docs
+        yield out
+        start += n

@@ -22,9 +22,9 @@ from .algo import SearchResult
 from .algo.index import PartitionedCodeIndex, calibrate_nprobe, scan_every_code
 from .algo.validate import MAX_K, METRICS, check_k
 from .filters import Filter
-from .errors import (BadFileError, DuplicateError, EmptyStoreError, InvalidInputError, OriginalsMissingError,
-                     StoreClosedError)
-from .storage import ORIGINAL_FORMATS, classify, translate_errors
+from .errors import (BadFileError, ConfigMismatchError, DuplicateError, EmptyStoreError,
+                     InvalidInputError, NotTrainedError, OriginalsMissingError, StoreClosedError)
+from .storage import ORIGINAL_FORMATS, classify, pack_originals, translate_errors
 from .storage.text import KeywordIndex
 
 __all__ = ["Store", "DEFAULT_RERANK", "METRICS", "ORIGINAL_FORMATS"]
@@ -78,6 +78,22 @@ def _partition_choice(partitions, config):
 def _rows_of(ids, found):
     """``found[id]`` laid out like ``ids`` (nq, k): None for -1 and for ids not found."""
     return [[found.get(i) for i in row] for row in ids.tolist()]
+
+
+def _figures(train_count, train_mse, added_count, added_sq_error):
+    """Training figures checked: counts ints >= 0, errors finite floats >= 0."""
+    out = []
+    for name, v, kind in (("train_count", train_count, int), ("train_mse", train_mse, float),
+                          ("added_count", added_count, int),
+                          ("added_sq_error", added_sq_error, float)):
+        ok = (not isinstance(v, bool) and isinstance(v, (int, np.integer)) if kind is int
+              else isinstance(v, (int, float, np.integer, np.floating))
+              and not isinstance(v, bool) and np.isfinite(v))
+        if not ok or v < 0:
+            raise InvalidInputError(f"{name} must be a {'count' if kind is int else 'number'} "
+                                    f">= 0, got {v!r}")
+        out.append(kind(v))
+    return out
 
 
 def _padded(res, k):
@@ -448,6 +464,120 @@ class Store:
             self.calibrate()
         return self.info()
 
+    # -- the quantized form -----------------------------------------------------------------
+
+    @_translated
+    def quantizer(self):
+        """The active codebooks, a :class:`ResidualQuantizer` (its ``encode``/``decode``
+        read and make the codes :meth:`iter_codes` yields); ``NotTrainedError`` before
+        training. The training figures are in :meth:`info`."""
+        db = self._live()
+        with db.read():
+            version = meta_int(db.meta(), "active_version", db.path)
+            if not version:
+                raise NotTrainedError(f"{db.path} is not trained: it has no codebooks yet")
+            return _snapshot.codec(db, self.config, version)
+
+    def iter_codes(self):
+        """Yield ``(ids int64 (n,), codes uint8 (n, stages), sq_norms float32 (n,))`` of every
+        stored vector, a code block (``block_size`` rows) at a time, as of one snapshot
+        (one read transaction, held until the generator is finished or closed). ``sq_norms``
+        are the decoded vectors' squared norms ``||x^||^2``, which L2 search adds to the
+        lookup-table sums. The file's block order: by cell after :meth:`compact`."""
+        db = self._live()
+        try:
+            with db.read():
+                yield from _training.live_codes(db, self.config)
+        except sqlite3.Error as exc:
+            raise classify(exc, db.path, db.timeout) from exc
+
+    @_translated
+    def import_codes(self, quantizer, batches, *, train_count=0, train_mse=0.0, added_count=0,
+                     added_sq_error=0.0, total=None, progress=None):
+        """Fill an empty, untrained store with vectors already encoded by ``quantizer`` (a
+        :class:`ResidualQuantizer` of this store's stages, codebook size and dimension): no
+        training, no encoding. All rows in one transaction: all or nothing.
+
+        batches : iterable of dicts with ``ids`` and ``codes`` (uint8 (n, stages)) and
+            optionally ``keys``, ``vectors`` (the originals: required when the store keeps
+            them, refused when it does not), ``metadata``, ``documents`` and ``sq_norms``
+            (checked against the codes' own, then recomputed)
+        train_count, train_mse, added_count, added_sq_error : the codebooks' figures
+            (:meth:`info`), which set the adaptive rerank's depth: give the exporting
+            store's to search as it did
+        total : rows expected, for progress; returns the number of rows imported
+        """
+        db = self._live()
+        rq = quantizer
+        if not isinstance(rq, algo.ResidualQuantizer):
+            raise InvalidInputError(f"quantizer must be a ResidualQuantizer, got "
+                                    f"{type(rq).__name__}")
+        c = self.config
+        shape = (c.stages, c.codebook_size, c.dim if c.dim is not None else rq.dim)
+        if rq.codebooks.shape != shape:
+            raise ConfigMismatchError(f"codebooks have shape {rq.codebooks.shape} (stages, "
+                                      f"size, dim); the store's settings say {shape}")
+        if not np.isfinite(rq.codebooks).all():
+            raise InvalidInputError("codebooks hold values that are not finite")
+        figures = _training.Figures(*_figures(train_count, train_mse, added_count,
+                                              added_sq_error))
+        if c.dim is None:
+            with db.write():
+                db.set_meta(dim=rq.dim)
+            self.config = c = dataclasses.replace(c, dim=rq.dim)
+        n = _training.install(db, c, rq, figures, self._import_rows(rq, batches), progress,
+                              total)
+        self._invalidate()
+        return n
+
+    def _import_rows(self, rq, batches):
+        """Each batch of :meth:`import_codes`, checked and packed for the file."""
+        c = self.config
+        for j, b in enumerate(batches):
+            if not isinstance(b, dict) or "ids" not in b or "codes" not in b:
+                raise InvalidInputError(f"batch {j} must be a dict with 'ids' and 'codes'")
+            codes = np.asarray(b["codes"])
+            if codes.ndim != 2 or codes.shape[1] != c.stages or codes.dtype != np.uint8:
+                raise InvalidInputError(f"batch {j}: codes must be uint8 of shape (n, "
+                                        f"{c.stages}), got {codes.dtype} {codes.shape}")
+            n = len(codes)
+            if codes.size and int(codes.max()) >= c.codebook_size:
+                raise InvalidInputError(f"batch {j}: a code is {int(codes.max())}, beyond "
+                                        f"codebook_size={c.codebook_size}")
+            ids = _config.new_id_array(b["ids"], n)
+            keys = b.get("keys")
+            keys = [None] * n if keys is None else self._key_list(keys, n, allow_none=True)
+            named = [k for k in keys if k is not None]
+            if len(set(named)) != len(named):
+                raise DuplicateError(f"batch {j}: keys contain duplicates")
+            vectors = b.get("vectors")
+            if vectors is None and c.keep_originals:
+                raise OriginalsMissingError(
+                    f"batch {j} has no vectors and {self._db.path} keeps originals (open it "
+                    "with keep_originals=False to import codes alone)")
+            if vectors is not None and not c.keep_originals:
+                raise InvalidInputError(f"batch {j} has vectors but {self._db.path} keeps no "
+                                        "originals")
+            blobs = [None] * n
+            if vectors is not None:
+                x = self._vectors(vectors)
+                if len(x) != n:
+                    raise InvalidInputError(f"batch {j}: {len(x)} vectors for {n} codes")
+                blobs = pack_originals(x, c.originals)
+            norms = rq.norms(codes)
+            given = b.get("sq_norms")
+            if given is not None:
+                given = np.asarray(given, np.float64)
+                if given.shape != (n,) or not np.allclose(given, norms, rtol=1e-4, atol=1e-5):
+                    raise InvalidInputError(
+                        f"batch {j}: sq_norms disagree with the codes' decoded vectors (the "
+                        "codes or the codebooks are not the ones they were made with)")
+            metas = b.get("metadata")
+            metas = None if metas is None else _config.metadata_texts(metas, n)
+            docs = b.get("documents")
+            docs = None if docs is None else _config.document_list(docs, n)
+            yield ids, keys, blobs, metas, docs, codes, norms
+
     @_translated
     def calibrate(self):
         """Choose the default ``nprobe`` of partitioned searches on this store's own vectors
@@ -550,6 +680,26 @@ class Store:
         from . import arrow
 
         return arrow.to_arrow(self, batch_size=batch_size)
+
+    def export_quantized(self, directory, *, with_vectors=None, progress=None):
+        """Write the codebooks (with their version and training figures) and every
+        vector's codes and squared norm (and, by default when kept, its original, metadata
+        and document) as Parquet files in ``directory``, with the documented schema of
+        :mod:`rvqstore.arrow`; returns the rows written. Needs the ``arrow`` extra."""
+        from . import arrow
+
+        return arrow.write_quantized(self, os.fspath(directory), with_vectors=with_vectors,
+                                     progress=progress)
+
+    @classmethod
+    def import_quantized(cls, directory, path, *, progress=None, **options):
+        """A new store at ``path`` rebuilt from :meth:`export_quantized`'s ``directory``
+        without training or encoding (same ids, codes and figures: the same search
+        results). ``options`` go to :meth:`open`. Needs the ``arrow`` extra."""
+        from . import arrow
+
+        return arrow.read_quantized(os.fspath(directory), os.fspath(path), progress=progress,
+                                    **options)
 
     @_translated
     def ids(self, where=None):
@@ -969,6 +1119,8 @@ class Store:
                     raise BadFileError(f"{db.path}: active codebook version {version} is "
                                        "missing: the file is corrupted")
                 out["train_mse"] = row["train_mse"]
+                out["train_count"] = row["train_count"]
+                out["added_sq_error"] = row["added_sq_error"]
                 out["trained_at"] = row["created_at"]
                 out["added_since_training"] = row["added_count"]
                 out["added_mse"] = (row["added_sq_error"] / row["added_count"]

@@ -146,3 +146,168 @@ def test_store_add_arrow_streams_batches_and_upserts(tmp_path):
         np.testing.assert_array_equal(s.get(keys=["a"])[0], x[0] + 1)
         with pytest.raises(InvalidInputError, match="no keys"):
             s.add_arrow(pa.table({"vector": [[1.0, 2.0, 3.0]]}), upsert=True)
+
+
+# ----------------------------------------------------------------------------- quantized form
+
+@pytest.fixture
+def trained(tmp_path):
+    """A trained store whose blocks hold deleted rows and whose items vary: (path, x)."""
+    x = clustered(900, 16, centers=12, seed=8)
+    path = tmp_path / "t.db"
+    with Store.open(path, dim=16, stages=4, codebook_size=16, block_size=256) as s:
+        s.add(x[:700], keys=[f"k{i}" for i in range(700)],
+              metadata=[{"n": i, "tag": ["a", "b", "c"][i % 3]} if i % 4 else None
+                        for i in range(700)],
+              documents=[f"note {i} about {['cats', 'ships'][i % 2]}" for i in range(700)])
+        s.train()
+        s.add(x[700:])  # encoded after training: the added-error figures are not zero
+        s.delete(list(range(0, 900, 7)))
+    return path, x
+
+
+def _same_answers(a, b, q):
+    for kw in ({}, {"rerank": 1}, {"k": 25, "where": {"tag": "b"}}):
+        ra, rb = a.search(q, **{"k": 10, **kw}), b.search(q, **{"k": 10, **kw})
+        np.testing.assert_array_equal(ra.ids, rb.ids)
+        np.testing.assert_array_equal(ra.distances, rb.distances)
+    ta, tb = a.text_search("ships", k=15), b.text_search("ships", k=15)
+    np.testing.assert_array_equal(ta.ids, tb.ids)
+
+
+def test_quantized_round_trip_gives_identical_search_results(trained, tmp_path):
+    path, x = trained
+    calls = []
+    with Store.open(path, readonly=True) as src:
+        n = src.export_quantized(tmp_path / "q", progress=lambda *a: calls.append(a))
+        assert n == len(src) == 900 - len(range(0, 900, 7))
+        assert calls[-1] == ("export", n, n)
+        with Store.import_quantized(tmp_path / "q", tmp_path / "back.db",
+                                    progress=lambda *a: calls.append(a)) as dst:
+            assert calls[-1] == ("import", n, n)
+            assert dst.check() == [] and len(dst) == n
+            np.testing.assert_array_equal(dst.ids(), src.ids())
+            ids = src.ids()
+            assert dst.keys(ids) == src.keys(ids)
+            assert dst.metadata(ids) == src.metadata(ids)
+            assert dst.documents(ids) == src.documents(ids)
+            np.testing.assert_array_equal(dst.get(ids), src.get(ids))
+            np.testing.assert_array_equal(dst.quantizer().codebooks, src.quantizer().codebooks)
+            a, b = src.info(), dst.info()
+            for f in ("train_mse", "train_count", "added_since_training", "added_sq_error",
+                      "metric", "stages", "codebook_size", "block_size", "originals"):
+                assert a[f] == b[f], f
+            _same_answers(src, dst, clustered(30, 16, centers=12, seed=9))
+            # the codes themselves, row for row (block order kept)
+            got = {int(i): c for ids_, cd, _ in dst.iter_codes() for i, c in zip(ids_, cd)}
+            for ids_, cd, _ in src.iter_codes():
+                for i, c in zip(ids_, cd):
+                    np.testing.assert_array_equal(got[int(i)], c)
+            dst.add(x[:3])  # an ordinary store afterwards: adds get new ids and codes
+            assert len(dst) == n + 3 and dst.check() == []
+
+
+def test_codes_alone_import_and_another_tool_reads_the_documented_schema(trained, tmp_path):
+    path, _ = trained
+    with Store.open(path, readonly=True) as src:
+        src.export_quantized(tmp_path / "q", with_vectors=False)
+        rq = src.quantizer()
+        codes_of = {int(i): (c, nm) for ids_, cd, nms in src.iter_codes()
+                    for i, c, nm in zip(ids_, cd, nms)}
+        # pyarrow and numpy only, as the docstring describes: no rvqstore
+        books = pq.read_table(tmp_path / "q" / "codebooks.parquet")
+        header = json.loads(books.schema.metadata[b"rvqstore"])
+        S, K, dim = header["stages"], header["codebook_size"], header["dim"]
+        cb = np.array(books.column("vector").to_pylist(), np.float32).reshape(S, K, dim)
+        codes = pq.read_table(tmp_path / "q" / "codes.parquet")
+        assert "vector" not in codes.schema.names and header["with_vectors"] is False
+        c = np.array(codes.column("codes").to_pylist(), np.uint8)
+        xh = cb[np.arange(S), c].sum(axis=1)
+        np.testing.assert_allclose(xh, rq.decode(c), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose((xh.astype(np.float64) ** 2).sum(axis=1),
+                                   codes.column("sq_norm").to_numpy(), rtol=1e-4)
+        for i, row in zip(codes.column("id").to_pylist(), c):
+            np.testing.assert_array_equal(codes_of[i][0], row)
+        with Store.import_quantized(tmp_path / "q", tmp_path / "codes.db") as dst:
+            assert dst.config.keep_originals is False
+            q = clustered(20, 16, centers=12, seed=4)
+            a, b = src.search(q, k=10, rerank=1), dst.search(q, k=10)
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.distances, b.distances)
+
+
+def _rewrite(directory, name, change):
+    """Rewrite one file of an export through ``change(table) -> table``."""
+    path = directory / name
+    pq.write_table(change(pq.read_table(path)), path)
+
+
+def _with_header(table, **fields):
+    header = json.loads(table.schema.metadata[b"rvqstore"])
+    header.update(fields)
+    return table.replace_schema_metadata({b"rvqstore": json.dumps(header).encode()})
+
+
+def _set_code(table, value):
+    codes = np.array(table.column("codes").to_pylist(), np.uint8)
+    codes[5, 1] = value
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.uint8()),
+                                            codes.shape[1])
+    return table.set_column(table.schema.get_field_index("codes"), table.schema.field("codes"),
+                            arr)
+
+
+def _set_norm(table):
+    nm = table.column("sq_norm").to_numpy().copy()
+    nm[3] *= 1.5
+    return table.set_column(table.schema.get_field_index("sq_norm"),
+                            table.schema.field("sq_norm"), pa.array(nm, pa.float32()))
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("codes.parquet", lambda t: _with_header(t, format_version=2), ["version 2", "upgrade"]),
+    ("codebooks.parquet", lambda t: t.replace_schema_metadata({}), ["no rvqstore quantized"]),
+    ("codes.parquet", lambda t: _with_header(t, count=5), ["different exports"]),
+    ("codes.parquet", lambda t: _set_code(t, 200), ["a code is 200", "codebook_size=16"]),
+    ("codes.parquet", _set_norm, ["sq_norms disagree"]),
+    ("codes.parquet", lambda t: t.drop_columns(["sq_norm"]), ["documented schema"]),
+    ("codebooks.parquet", lambda t: t.slice(0, 10), ["4 x 16 codewords"]),
+])
+def test_a_bad_export_is_refused_by_name_and_leaves_no_store(trained, tmp_path, name, change,
+                                                             words):
+    path, _ = trained
+    with Store.open(path, readonly=True) as src:
+        src.export_quantized(tmp_path / "q")
+    _rewrite(tmp_path / "q", name, change)
+    target = tmp_path / "new.db"
+    with pytest.raises(InvalidInputError) as e:
+        Store.import_quantized(tmp_path / "q", target)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not target.exists()
+
+
+def test_quantized_export_and_import_refusals(store, trained, tmp_path):
+    from rvqstore.errors import DuplicateError, NotTrainedError
+
+    untrained, _ = store
+    with Store.open(untrained) as s, pytest.raises(NotTrainedError):
+        s.export_quantized(tmp_path / "none")
+    path, x = trained
+    with Store.open(path) as src:
+        src.export_quantized(tmp_path / "q")
+        with pytest.raises(InvalidInputError, match="exists"):
+            Store.import_quantized(tmp_path / "q", path)
+        rq = src.quantizer()
+        ids, codes, norms = next(src.iter_codes())
+        with pytest.raises(InvalidInputError, match="empty, untrained"):
+            src.import_codes(rq, [{"ids": [10**6], "codes": codes[:1], "vectors": x[:1]}])
+    with Store.open(tmp_path / "e.db", dim=16, stages=4, codebook_size=16) as e:
+        twice = {"ids": ids[:2], "codes": codes[:2], "vectors": x[:2]}
+        with pytest.raises(DuplicateError, match="ids given twice"):
+            e.import_codes(rq, [twice, twice])
+        with pytest.raises(Exception, match="keeps originals"):
+            e.import_codes(rq, [{"ids": ids[:2], "codes": codes[:2]}])
+        assert len(e) == 0 and not e.info()["trained"]  # all or nothing
+        e.import_codes(rq, [twice])
+        assert len(e) == 2 and e.check() == []

@@ -63,6 +63,19 @@ def read_codes(db, version, layout, first=0):
     return ids[:n], codes[:n], norms[:n], nblocks
 
 
+def iter_codes(db, version, layout):
+    """Yield the checked ``(ids, codes, norms)`` of ``version``'s blocks in order, one
+    block at a time (streamed from a cursor: the file's codes never sit in memory whole)."""
+    nblocks = db.count_blocks(version, 0)
+    j = 0
+    for j, row in enumerate(db.iter_blocks(version, 0), start=1):
+        if j > nblocks:
+            break
+        yield _unpack(row, layout, j - 1, j == nblocks)
+    if j != nblocks:
+        raise BadFileError(f"{nblocks} code blocks counted, {j} read: the file is corrupted")
+
+
 def each_block(db, version, layout):
     """Yield ``(block number, (ids, codes, norms))`` of ``version``, or the
     ``BadFileError`` of a block that does not pass its checks in place of its arrays."""
