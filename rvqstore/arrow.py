@@ -435,7 +435,8 @@ def read_quantized(directory, path, *, batch_size=65536, progress=None, **store_
         if parquet.metadata.num_rows != h["count"]:
             raise InvalidInputError(f"{codes_path} holds {parquet.metadata.num_rows} rows, its "
                                     f"header says {h['count']}")
-        store.import_codes(rq, _code_batches(pa, parquet, codes_path, h, batch_size),
+        keep = with_vectors and store.config.keep_originals  # keep_originals=False drops them
+        store.import_codes(rq, _code_batches(pa, parquet, codes_path, h, keep, batch_size),
                            train_count=h["train_count"], train_mse=h["train_mse"],
                            added_count=h["added_count"], added_sq_error=h["added_sq_error"],
                            total=h["count"], progress=progress)
@@ -448,7 +449,7 @@ def read_quantized(directory, path, *, batch_size=65536, progress=None, **store_
     return store
 
 
-def _code_batches(pa, parquet, name, h, batch_size):
+def _code_batches(pa, parquet, name, h, with_vectors, batch_size):
     S = h["stages"]
     start = 0
     for batch in parquet.iter_batches(batch_size=batch_size):
@@ -460,7 +461,7 @@ def _code_batches(pa, parquet, name, h, batch_size):
         out = {"ids": np.asarray(batch.column("id").to_numpy(), np.int64), "codes": codes,
                "sq_norms": np.asarray(batch.column("sq_norm").to_numpy(), np.float32),
                "keys": _strings(pa, batch.column("key"), "key", name)}
-        if h.get("with_vectors"):
+        if with_vectors:
             vec = batch.column("vector")
             if vec.null_count:
                 raise InvalidInputError(f"{name}: column 'vector' has nulls (rows from {start})")

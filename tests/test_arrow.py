@@ -228,12 +228,16 @@ def test_codes_alone_import_and_another_tool_reads_the_documented_schema(trained
                                    codes.column("sq_norm").to_numpy(), rtol=1e-4)
         for i, row in zip(codes.column("id").to_pylist(), c):
             np.testing.assert_array_equal(codes_of[i][0], row)
-        with Store.import_quantized(tmp_path / "q", tmp_path / "codes.db") as dst:
-            assert dst.config.keep_originals is False
-            q = clustered(20, 16, centers=12, seed=4)
-            a, b = src.search(q, k=10, rerank=1), dst.search(q, k=10)
-            np.testing.assert_array_equal(a.ids, b.ids)
-            np.testing.assert_array_equal(a.distances, b.distances)
+        src.export_quantized(tmp_path / "full")
+        q = clustered(20, 16, centers=12, seed=4)
+        a = src.search(q, k=10, rerank=1)
+        for directory, options in (("q", {}), ("full", {"keep_originals": False})):
+            with Store.import_quantized(tmp_path / directory, tmp_path / f"{directory}.db",
+                                        **options) as dst:
+                assert dst.config.keep_originals is False
+                b = dst.search(q, k=10)
+                np.testing.assert_array_equal(a.ids, b.ids)
+                np.testing.assert_array_equal(a.distances, b.distances)
 
 
 def _rewrite(directory, name, change):
