@@ -8,6 +8,11 @@ else; click's usage errors exit with 2. Programming errors keep their traceback.
 Tables escape control characters (``\\x1b``) in what they show, so that a stored key cannot
 drive the terminal, and shorten metadata and documents; ``--json`` and ``--csv`` print
 every string as stored (metadata as JSON objects, in CSV as a cell of JSON text).
+
+Each command is a new process, so this module imports only click at the top: numpy, the
+store, the input readers and tabulate are imported by the commands that use them, and
+numba by the library when a command runs a kernel (search, train). ``--help`` and the
+commands that only read a store (info, get, count) never load numba.
 """
 
 import contextlib
@@ -21,12 +26,17 @@ import sys
 import time
 
 import click
-import numpy as np
 
-from . import __version__, benchmark
+from . import __version__
 from .errors import BadFileError, InvalidInputError, RvqstoreError
-from .inputs import FORMATS, MAX_ID, format_for, parse_object, parse_vector, read_vectors
-from .store import METRICS, ORIGINAL_FORMATS, Store
+
+# The values the options take, as the library names them (rvqstore.store.METRICS and
+# ORIGINAL_FORMATS, rvqstore.inputs.FORMATS and MAX_ID; a test checks that they agree):
+# written here, since importing them would load numpy and sqlite-utils for --help.
+METRICS = ("l2", "ip", "cosine")
+ORIGINAL_FORMATS = ("float32", "float16", "zstd")
+FORMATS = ("npy", "fvecs", "jsonl", "csv", "parquet")
+MAX_ID = 2**63 - 2
 
 
 class _Group(click.Group):
@@ -76,6 +86,10 @@ class _VectorType(click.ParamType):
     name = "JSON"
 
     def convert(self, value, param, ctx):
+        import numpy as np
+
+        from .inputs import parse_vector
+
         if isinstance(value, np.ndarray):
             return value
         try:
@@ -90,6 +104,8 @@ class _WhereType(click.ParamType):
     name = "JSON"
 
     def convert(self, value, param, ctx):
+        from .inputs import parse_object
+
         if isinstance(value, dict):
             return value
         try:
@@ -173,54 +189,64 @@ def _removed_on_error(db):
 
 def _open(db, *, readonly=False, create=False, **config):
     """Open a store; only ``create`` (and ``add``) make a new file."""
+    from .store import Store
+
     ctx = click.get_current_context(silent=True)
     timeout = ctx.find_root().params.get("timeout", 10.0) if ctx is not None else 10.0
     return Store.open(db, readonly=readonly, create=create, timeout=timeout, **config)
 
 
 class _Progress:
-    """``progress(phase, done, total)`` drawn on stderr, one line per phase, with the rate
-    and the time left; does nothing when ``enabled`` is false."""
-
-    width = 24
+    """``progress(phase, done, total)`` drawn by ``click.progressbar`` on stderr, one bar per
+    phase, with the count, the rate and the time left; nothing when ``enabled`` is false.
+    Leaving the ``with`` block ends the bar's line, also when the command fails."""
 
     def __init__(self, enabled):
         self.enabled = enabled
+        self.bar = None
+        self.bars = contextlib.ExitStack()  # the open bar's context, ended by close()
         self.phase = None
-        self.open = False
-        self.drawn = 0.0
         self.done = 0
 
     @classmethod
     def for_terminal(cls, quiet):
         return cls(not quiet and sys.stderr.isatty())
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def __call__(self, phase, done, total):
         if not self.enabled:
             return
-        now = time.monotonic()
         if phase != self.phase or done < self.done:  # a new phase, or the same one again
             self.close()
-            self.phase, self.start, self.first = phase, now, done
-        elif not self.open or (done < total and now - self.drawn < 0.1):
-            return  # finished, or drawn a moment ago
-        self.drawn, self.done = now, done
-        filled = int(self.width * min(done / total, 1.0)) if total else self.width
-        elapsed = now - self.start
-        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
-        left = _clock((total - done) / rate) if rate > 0 else "?"
-        rate_text = f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
-        line = (f"{phase:<10} [{'#' * filled}{'-' * (self.width - filled)}] "
-                f"{done:,}/{total:,}  {rate_text}/s  ETA {left}")
-        click.echo("\r" + line + "\x1b[K", nl=False, err=True)
-        self.open = True
+            self.phase, self.first, self.start = phase, done, time.monotonic()
+            self.done, self.total = done, total
+            self.bar = self.bars.enter_context(click.progressbar(
+                length=total, label=f"{phase:<10}", bar_template="%(label)s [%(bar)s] %(info)s",
+                width=24, empty_char="-", show_eta=False, show_percent=False,
+                item_show_func=lambda _: self._info(), file=sys.stderr, update_min_steps=0))
+        elif self.bar is None:
+            return  # finished
+        self.done = done
+        self.bar.update(done - self.bar.pos)  # drawn on every call: the rate moves
         if done >= total:
             self.close()
 
+    def _info(self):
+        """The count, the rate since the phase began and the time left at that rate."""
+        elapsed = time.monotonic() - self.start
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        left = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+        rate_text = f"{rate:,.1f}" if rate < 10 else f"{rate:,.0f}"
+        return f"{self.done:,}/{self.total:,}  {rate_text}/s  ETA {left}"
+
     def close(self):
-        if self.open:
-            click.echo(err=True)
-            self.open = False
+        self.bars.close()
+        self.bar = None
 
 
 def _clock(seconds):
@@ -234,6 +260,8 @@ def _count(n, what="vector"):
 
 def _f32(x):
     """The shortest decimal that reads back as the same float32."""
+    import numpy as np
+
     return float(str(np.float32(x)))
 
 
@@ -293,16 +321,18 @@ def _emit(rows, columns, fmt, *, thousands=False, formats=None):
             writer.writerow(cells)
         click.echo(buf.getvalue(), nl=False, color=True)  # as stored: no ANSI stripping
     else:
+        import tabulate
+
+        tabulate.MIN_PADDING = 0  # a column as wide as its widest cell or name, not name + 2
         formats = formats or {}
         cells = [[_printable(formats[c].format(r[c]) if c in formats and r.get(c) is not None
                              else _cut(_cell(r.get(c), thousands)) if c in _LONG
                              else _cell(r.get(c), thousands)) for c in columns] for r in rows]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
         right = [all(isinstance(v, (int, float)) and not isinstance(v, bool)
                      for v in (r.get(c) for r in rows) if v is not None) for c in columns]
-        for row in [list(columns), ["-" * w for w in widths]] + cells:
-            click.echo("  ".join(v.rjust(w) if r else v.ljust(w)
-                                 for v, w, r in zip(row, widths, right)).rstrip())
+        click.echo(tabulate.tabulate(cells, columns, tablefmt="simple", disable_numparse=True,
+                                     colalign=["right" if r else "left" for r in right],
+                                     preserve_whitespace=True))
 
 
 def _emit_mapping(mapping, fmt):
@@ -395,6 +425,8 @@ def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
     a vector or embedding column of lists of numbers, optional id, key, metadata
     (JSON text or struct) and document columns, added 65,536 rows per transaction.
     """
+    from .inputs import format_for, read_vectors
+
     if upsert and skip_existing_keys:
         raise click.UsageError("give --upsert or --skip-existing-keys, not both")
     if (fmt or (None if file == "-" else format_for(file))) == "parquet":
@@ -406,24 +438,24 @@ def add(db, file, fmt, train, skip_existing_keys, upsert, quiet):
     if upsert and loaded.ids is not None:
         raise InvalidInputError(f"{name}: --upsert keeps the stored ids and numbers new "
                                 "items itself; the rows give ids")
-    progress = _Progress.for_terminal(quiet)
-    with _removed_on_error(db):
-        store = _open(db, create=True)
-        try:
-            before = len(store)
-            t = time.perf_counter()
-            if upsert:
-                store.upsert(loaded.vectors, keys=loaded.keys, metadata=loaded.metadata,
-                             documents=loaded.documents, progress=progress)
-            else:
-                store.add(loaded.vectors, ids=loaded.ids, keys=loaded.keys,
-                          metadata=loaded.metadata, documents=loaded.documents,
-                          skip_existing_keys=skip_existing_keys, progress=progress)
-        except BaseException:
-            store.close()
-            raise
-    with store:  # a failed --train keeps the vectors added
-        _added(store, db, len(loaded.vectors), before, t, upsert, train, progress)
+    with _Progress.for_terminal(quiet) as progress:
+        with _removed_on_error(db):
+            store = _open(db, create=True)
+            try:
+                before = len(store)
+                t = time.perf_counter()
+                if upsert:
+                    store.upsert(loaded.vectors, keys=loaded.keys, metadata=loaded.metadata,
+                                 documents=loaded.documents, progress=progress)
+                else:
+                    store.add(loaded.vectors, ids=loaded.ids, keys=loaded.keys,
+                              metadata=loaded.metadata, documents=loaded.documents,
+                              skip_existing_keys=skip_existing_keys, progress=progress)
+            except BaseException:
+                store.close()
+                raise
+        with store:  # a failed --train keeps the vectors added
+            _added(store, db, len(loaded.vectors), before, t, upsert, train, progress)
 
 
 def _added(store, db, rows, before, t, upsert, train, progress):
@@ -447,7 +479,6 @@ def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
 
     if file == "-":
         raise click.UsageError("Parquet is read from a file, not standard input")
-    progress = _Progress.for_terminal(quiet)
     t = time.perf_counter()
     file = str(file)
     batches = arrow.read_batches(file)
@@ -456,7 +487,7 @@ def _add_parquet(db, file, train, skip_existing_keys, upsert, quiet):
         raise InvalidInputError(f"{file} holds no rows")
     with _removed_on_error(db):
         store = _open(db, create=True)
-    with store:
+    with store, _Progress.for_terminal(quiet) as progress:
         before = len(store)
         rows = arrow.add_batches(store, file, upsert=upsert,
                                  skip_existing_keys=skip_existing_keys, progress=progress,
@@ -481,8 +512,8 @@ def train(db, quiet):
 
     Until then search is exact. On a trained store this retrains.
     """
-    with _open(db) as store:
-        _train(store, db, store.train, _Progress.for_terminal(quiet), "Trained")
+    with _open(db) as store, _Progress.for_terminal(quiet) as progress:
+        _train(store, db, store.train, progress, "Trained")
 
 
 @main.command()
@@ -493,8 +524,8 @@ def retrain(db, quiet):
 
     Searches keep using the old codebooks until the switch.
     """
-    with _open(db) as store:
-        _train(store, db, store.retrain, _Progress.for_terminal(quiet), "Retrained")
+    with _open(db) as store, _Progress.for_terminal(quiet) as progress:
+        _train(store, db, store.retrain, progress, "Retrained")
 
 
 @main.command()
@@ -541,6 +572,8 @@ def search(db, queryfile, vector, key, id_, k, rerank, nprobe, stages, exclude_s
     vector distances; a distance is left blank (JSON: null) when the store keeps no
     originals to compute it for an item that only the text found.
     """
+    from .inputs import read_vectors
+
     out = _format(as_json, as_csv)
     given = [n for n, v in (("QUERYFILE", queryfile), ("--vector", vector), ("--key", key),
                             ("--id", id_)) if v is not None]
@@ -606,6 +639,8 @@ def text_search(db, text, k, where, with_metadata, with_documents, as_json, as_c
 def _ranked(res, q, measure, with_metadata, with_documents):
     """The rows of query ``q`` of a SearchResult (``None``: a 1-D one), without padding:
     rank, id, key, ``measure`` (the distance, None where not finite) and the extras."""
+    import numpy as np
+
     pick = (lambda a: a) if q is None else (lambda a: None if a is None else a[q])
     ids, dist, keys = pick(res.ids), pick(res.distances), pick(res.keys)
     metas, docs = pick(res.metadata), pick(res.documents)
@@ -640,6 +675,8 @@ def get(db, ids, keys, as_json, as_csv):
     document; --json and --csv print all of them (--json: the metadata and document
     fields only for items that have them).
     """
+    import numpy as np
+
     out = _format(as_json, as_csv)
     if bool(ids) == bool(keys):
         raise click.UsageError("give --id or --key (one or more), not both")
@@ -687,9 +724,8 @@ def compact(db, quiet):
     """Free the space of deleted vectors and shrink the file."""
     with _open(db) as store:
         size = sum(store.info()["bytes"][p] for p in ("file", "wal"))
-        progress = _Progress.for_terminal(quiet)
-        store.compact(progress=progress)
-        progress.close()
+        with _Progress.for_terminal(quiet) as progress:
+            store.compact(progress=progress)
         now = sum(store.info()["bytes"][p] for p in ("file", "wal"))
         click.echo(f"Compacted {db}: {now:,} bytes on disk (was {size:,})")
 
@@ -718,6 +754,8 @@ def export(db, output, fmt, batch_size):
     JSON lines carry "metadata" and "document" fields on the items that have them;
     CSV has metadata (JSON text) and document columns when the store holds any.
     """
+    import numpy as np
+
     fmt = fmt or {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}.get(
         os.path.splitext(output)[1].lower(), "jsonl")
     if fmt in ("npy", "parquet") and output == "-":
@@ -726,10 +764,8 @@ def export(db, output, fmt, batch_size):
         if fmt == "parquet":
             from . import arrow
 
-            progress = _Progress.for_terminal(False)
-            with _output_file(output, "wb") as f:
+            with _output_file(output, "wb") as f, _Progress.for_terminal(False) as progress:
                 arrow.write_parquet(store, f, batch_size=batch_size, progress=progress)
-            progress.close()
             return
         if fmt == "npy":
             batches = store.iter(batch_size=batch_size)
@@ -796,12 +832,13 @@ def bench(dataset_dir, limit, queries, stages, codebook_size, repeats, quiet, as
     DATASET_DIR holds base.npy, queries.npy and gt_l2.npy (exact neighbour ids, one
     row per query). The store is built in a temporary folder and removed after.
     """
+    from . import benchmark
+
     out = _format(as_json, as_csv)
     data = benchmark.load_dataset(dataset_dir, limit=limit, queries=queries)
-    progress = _Progress.for_terminal(quiet)
-    result = benchmark.run(data, stages=stages, codebook_size=codebook_size,
-                           repeats=repeats, progress=progress)
-    progress.close()
+    with _Progress.for_terminal(quiet) as progress:
+        result = benchmark.run(data, stages=stages, codebook_size=codebook_size,
+                               repeats=repeats, progress=progress)
     if out == "json":
         click.echo(json.dumps({"dataset": dataset_dir, **result}, indent=2))
         return

@@ -103,6 +103,50 @@ def test_python_m_rvqstore_version():
     assert out.strip() == f"rvqstore, version {rvqstore.__version__}"
 
 
+_LOADED = """
+import sys
+from click.testing import CliRunner
+from rvqstore.cli import main
+for args in {calls}:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and result.stdout, (args, result.output)
+print(*sorted(m for m in ("numpy", "sqlite_utils", "numba") if m in sys.modules))
+"""
+
+
+def _loaded(calls):
+    """Which of numpy, sqlite-utils and numba a fresh process has imported after the CLI
+    ran ``calls`` (lists of arguments), each of which must succeed and print."""
+    code = _LOADED.format(calls=repr([[str(a) for a in args] for args in calls]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_option_values_are_the_librarys():
+    # the CLI writes them out rather than importing them (--help would load numpy)
+    from rvqstore import inputs, store
+
+    types = {(name, p.name): p.type for name, command in main.commands.items()
+             for p in command.params}
+    assert types["create", "metric"].choices == store.METRICS
+    assert types["create", "originals"].choices == store.ORIGINAL_FORMATS
+    assert types["add", "fmt"].choices == types["search", "fmt"].choices == inputs.FORMATS
+    assert {types[c, p].max for c, p in [("get", "ids"), ("delete", "ids"), ("search", "id_")]} \
+        == {inputs.MAX_ID}
+
+
+def test_help_imports_click_not_numpy_or_numba():
+    # every command is a new process: the import set is the start-up time (not timed here)
+    assert _loaded([["--help"]] + [[name, "--help"] for name in sorted(main.commands)]) == []
+
+
+def test_reading_a_trained_store_imports_no_numba(db):
+    # info, get and count run no kernel; search does
+    assert _loaded([["info", db], ["get", db, "--id", "3"], ["count", db]]) == ["numpy",
+                                                                               "sqlite_utils"]
+    assert "numba" in _loaded([["search", db, "--id", "3", "-k", "2"]])
+
+
 # -- the commands -----------------------------------------------------------------------------
 
 def test_create_refuses_an_existing_file(db):
@@ -592,19 +636,25 @@ def test_bench_counts_below_one_are_usage_errors(dataset, option):
 
 # -- the pieces under the commands -----------------------------------------------------------
 
-def test_progress_draws_rate_and_eta_only_when_enabled(capsys):
-    bar = _Progress(True)
-    for done in (0, 50, 100):
-        bar("encode", done, 100)
-    bar("compact", 0, 2)
-    bar.close()
-    err = capsys.readouterr().err
-    assert "encode" in err and "100/100" in err and "ETA" in err and "/s" in err
-    assert err.endswith("\n") and "compact" in err
-    quiet = _Progress(False)
-    quiet("encode", 1, 2)
-    quiet.close()
-    assert capsys.readouterr().err == ""
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet, terminal", [(False, True), (True, True), (False, False)])
+def test_progress_draws_rate_and_eta_on_a_terminal_unless_quiet(monkeypatch, quiet, terminal):
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with _Progress.for_terminal(quiet) as bar:
+        for done in (0, 50, 100):
+            bar("encode", done, 100)
+        bar("compact", 0, 2)  # left unfinished: leaving the block ends its line
+    err = err.getvalue()
+    if quiet or not terminal:
+        assert err == ""
+    else:
+        assert "encode" in err and "100/100" in err and "ETA" in err and "/s" in err
+        assert err.endswith("\n") and "compact" in err
 
 
 def test_read_vectors_ids_keys_and_csv_header(tmp_path):

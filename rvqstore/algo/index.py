@@ -10,12 +10,13 @@ hook filters and exclusions use). A new way of searching (partitions) is a new c
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
-import numba
 import numpy as np
 
 from .quantizers import ResidualQuantizer
-from . import kernels
 from .search import ERROR_Z, SearchResult, adc_search, exact_search, prefix_table
+
+# numba and its kernels are imported by the methods that run them (see quantizers._kernels);
+# those of a partitioned store, whose queries take milliseconds, afford the import statement.
 
 
 class CodeIndex(Protocol):
@@ -274,6 +275,10 @@ class PartitionedCodeIndex:
         """The index of rows given in the store's order (``bias`` as for FlatCodeIndex);
         rows from ``tail_from`` on are left ungrouped (a last code block that appends by
         other connections will rewrite: a reader then re-reads it without regrouping)."""
+        import numba
+
+        from . import kernels
+
         if prefix not in (1, 2) or prefix > max(codes.shape[1], 1):
             raise ValueError(f"prefix must be 1 or 2 and at most the stages, got {prefix}")
         if bias is None:
@@ -346,6 +351,8 @@ class PartitionedCodeIndex:
         return _prefix_terms(self, stages, self.bias, self.codes)[2]
 
     def search(self, queries, *, k, allow=None, nprobe=None, stages=None):
+        from . import kernels
+
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}")

@@ -3,8 +3,9 @@
 import numpy as np
 
 from ..errors import InvalidInputError
-from . import kernels
 from .validate import as_matrix
+
+# kernels (numba) is imported by _lloyd, which runs it (see quantizers._kernels).
 
 
 def assign(x, centroids, centroid_norms=None, batch=16384):
@@ -120,6 +121,8 @@ def _seed(x, k, rng, init_ppc, n_trials):
 
 
 def _lloyd(x, centroids, n_iter, rng, tol):
+    from . import kernels
+
     k = centroids.shape[0]
     prev = np.inf
     for _ in range(n_iter):

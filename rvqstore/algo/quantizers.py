@@ -10,9 +10,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InvalidInputError
-from . import kernels
 from .kmeans import assign, kmeans
 from .validate import as_matrix, check_metric
+
+kernels = None  # rvqstore.algo.kernels, once _kernels() has imported it
+
+
+def _kernels():
+    """The numba kernels, imported by the first call that runs one rather than with this
+    module: opening and reading a store (info, get, count) never loads numba, whose import
+    takes ~0.2 s a process. Kept in a module global, since an import statement in a
+    function that runs for every query costs it a few microseconds."""
+    global kernels
+    if kernels is None:
+        from . import kernels
+    return kernels
 
 
 def _report(progress, phase, done, total):
@@ -138,7 +150,7 @@ class ResidualQuantizer:
         x = as_matrix(x, name="training vectors", dim=self.dim)
         S, K, d = self.codebooks.shape
         codes = _check_codes(codes, S, K)
-        btb, btx = kernels.normal_equations(codes, x, K)
+        btb, btx = _kernels().normal_equations(codes, x, K)
         btb[np.diag_indices_from(btb)] += ridge
         btx += ridge * self.codebooks.reshape(S * K, d)
         new = np.linalg.solve(btb, btx).astype(np.float32)
@@ -171,7 +183,7 @@ class ResidualQuantizer:
                     axis=2)
         xc = x @ self.codebooks[s].T
         b_out = min(beam_width, dist.shape[1] * self.codebook_size)
-        return kernels.beam_step(xc, dist, codes, cross[s], cnorm[s], s, b_out)
+        return _kernels().beam_step(xc, dist, codes, cross[s], cnorm[s], s, b_out)
 
     def _greedy(self, x):
         """Greedy codes: nearest codeword of each stage to the explicit residual (BLAS-bound)."""
@@ -260,6 +272,7 @@ class ResidualQuantizer:
     def ip_table(self, queries):
         """Inner products of each query with every codeword: float32 (nq, S*K)."""
         if len(queries) == 1:
+            kernels = _kernels()
             q = np.ascontiguousarray(queries[0], np.float32)
             if "bf16" not in self._cache:
                 bits = self.codebooks.reshape(-1, self.dim).view(np.uint32)

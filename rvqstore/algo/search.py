@@ -7,12 +7,21 @@ normalised by the caller, see :func:`normalize`).
 
 from typing import NamedTuple, Optional
 
-import numba
 import numpy as np
 
 from ..errors import InvalidInputError
-from . import kernels
 from .validate import check_k, check_metric
+
+numba = kernels = None  # the modules, once _kernels() has imported them
+
+
+def _kernels():
+    """numba and its kernels, imported by the first ADC search (see quantizers._kernels)."""
+    global numba, kernels
+    if kernels is None:
+        import numba
+        from . import kernels
+    return kernels
 
 
 SPLIT_ROWS = 1 << 18
@@ -112,6 +121,7 @@ def adc_search(quantizer, codes, queries, *, k, metric="l2", bias=None, rows=Non
     -------
     SearchResult with row numbers as ids.
     """
+    kernels = _kernels()
     check_metric(metric)
     k = check_k(k)
     n = codes.shape[0]

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from ..algo import bm25
+# bm25 (numba) is imported by the functions that rank: a store opened without a keyword
+# search never loads numba (see rvqstore/algo/quantizers.py).
 
 FTS_TABLE = "rvq_documents_fts"
 CONTENT_TABLE = "rvq_vectors"
@@ -174,6 +175,8 @@ def _instances(conn, instances_table, terms, counts):
 def _read_segment(conn, rows_table, instances_table, number):
     """A :class:`~rvqstore.algo.bm25.Segment` of an FTS5 index's postings, with each term
     numbered by ``number(term)``."""
+    from ..algo import bm25
+
     terms, df, counts = _vocabulary(conn, rows_table)
     docs = _instances(conn, instances_table, terms, counts)
     nums = np.fromiter((number(t) for t in terms), np.int64, len(terms))
@@ -316,6 +319,8 @@ class KeywordIndex:
                 self.stats["fallbacks"] += 1
                 return fts5_ranking(conn, text_words, depth, allowed)
             phrases = [self._numbers.get(t, -1) for t in terms]
+            from ..algo import bm25
+
             ids, scores = bm25.top_k(self._segments, phrases, self._n_rows, self._n_tokens,
                                      depth, allowed)
         return list(zip(ids.tolist(), scores.tolist()))
@@ -419,6 +424,8 @@ class KeywordIndex:
     def _compact(self):
         """Merge the later segments so that each holds at most a quarter of the postings
         of the one before (a few segments, each posting merged a few times)."""
+        from ..algo import bm25
+
         segs = self._segments
         while len(segs) > 2 and 4 * segs[-1].postings_count >= segs[-2].postings_count:
             segs[-2:] = [bm25.merge(segs[-2:])]
@@ -453,6 +460,8 @@ def _check_scoring(index, conn):
 
 
 def _probe(conn):
+    from ..algo import bm25
+
     rng = np.random.default_rng(20240611)
     words = [f"w{i}" for i in range(40)]
     weights = 1.0 / np.arange(1, len(words) + 1)
