@@ -355,6 +355,9 @@ def read_quantized_header(directory):
     headers, tables = [], {}
     for name in (CODEBOOKS_FILE, CODES_FILE):
         path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"{directory} is not an rvqstore quantized export: it has "
+                                    f"no {name}")
         try:
             schema = pa.parquet.read_schema(path)
         except (OSError, pa.ArrowException) as exc:

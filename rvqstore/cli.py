@@ -747,8 +747,15 @@ def info(db, as_json, as_csv):
               help="jsonl, csv and parquet keep ids and keys and are read back by add; npy "
                    "holds the vectors only, in id order [default: from -o's extension, else "
                    "jsonl]. parquet needs pyarrow (pip install 'rvqstore[arrow]').")
+@click.option("--quantized", type=click.Path(file_okay=False),
+              help="Write the quantized form to this directory instead: codebooks.parquet "
+                   "and codes.parquet (schema in rvqstore/arrow.py), read back by "
+                   "'rvqstore import' without training. Needs pyarrow.")
+@click.option("--no-vectors", is_flag=True,
+              help="With --quantized: leave the originals out (codes alone).")
 @click.option("--batch-size", type=int, default=8192, show_default=True, hidden=True)
-def export(db, output, fmt, batch_size):
+@_quiet
+def export(db, output, fmt, quantized, no_vectors, batch_size, quiet):
     """Write every stored vector with its id, key, metadata and document.
 
     JSON lines carry "metadata" and "document" fields on the items that have them;
@@ -756,6 +763,16 @@ def export(db, output, fmt, batch_size):
     """
     import numpy as np
 
+    if quantized is not None:
+        if output != "-" or fmt:
+            raise click.UsageError("--quantized writes a directory: give no -o or --format")
+        with _open(db, readonly=True) as store, _Progress.for_terminal(quiet) as progress:
+            n = store.export_quantized(quantized, with_vectors=False if no_vectors else None,
+                                       progress=progress)
+        click.echo(f"Exported {_count(n)} as codes to {quantized}", err=True)
+        return
+    if no_vectors:
+        raise click.UsageError("--no-vectors goes with --quantized")
     fmt = fmt or {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}.get(
         os.path.splitext(output)[1].lower(), "jsonl")
     if fmt in ("npy", "parquet") and output == "-":
@@ -796,6 +813,32 @@ def export(db, output, fmt, batch_size):
                         more = "".join(f', "{c}": {json.dumps(v)}' for c, v in
                                        (("metadata", meta), ("document", doc)) if v is not None)
                         f.write(f'{{"id": {i}, {named}"vector": [{", ".join(vec)}]{more}}}\n')
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@_db
+@click.option("--no-originals", is_flag=True,
+              help="Keep no originals even if the export has them (codes alone).")
+@_quiet
+def import_(source, db, no_originals, quiet):
+    """Build a new store DB from a quantized export (export --quantized): the same ids,
+    keys, codes, codebooks and training figures, so the same search results; no training,
+    no encoding. DB must not exist."""
+    from .store import Store
+
+    if os.path.exists(db):
+        raise click.UsageError(f"{db} exists: import builds a new store")
+    options = {"keep_originals": False} if no_originals else {}
+    t = time.perf_counter()
+    with _Progress.for_terminal(quiet) as progress:
+        store = Store.import_quantized(source, db, progress=progress, **options)
+    with store:
+        info = store.info()
+    click.echo(f"Imported {_count(info['count'])} into {db} in "
+               f"{time.perf_counter() - t:.2f} s: dim={info['dim']}, metric={info['metric']}, "
+               f"{info['stages']} stages x {info['codebook_size']} codewords, "
+               f"originals {'kept' if info['keep_originals'] else 'none'}")
 
 
 def _output_file(path, mode):

@@ -315,3 +315,32 @@ def test_quantized_export_and_import_refusals(store, trained, tmp_path):
         assert len(e) == 0 and not e.info()["trained"]  # all or nothing
         e.import_codes(rq, [twice])
         assert len(e) == 2 and e.check() == []
+
+
+def test_quantized_export_and_import_through_the_cli(trained, tmp_path):
+    path, x = trained
+    run = CliRunner().invoke
+    out = run(main, ["export", str(path), "--quantized", str(tmp_path / "q"), "--no-vectors"],
+              catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "as codes to" in out.output and (tmp_path / "q" / "codes.parquet").exists()
+    new = tmp_path / "new.db"
+    out = run(main, ["import", str(tmp_path / "q"), str(new)], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith(f"Imported 771 vectors into {new}") and "originals none" in \
+        out.output
+    search = ["search", "--vector", json.dumps(x[5].tolist()), "-k", "5", "--json"]
+    a = run(main, [search[0], str(path), "--rerank", "1", *search[1:]], catch_exceptions=False)
+    b = run(main, [search[0], str(new), *search[1:]], catch_exceptions=False)
+    assert a.exit_code == 0 and a.output == b.output
+    again = run(main, ["import", str(tmp_path / "q"), str(new)])
+    assert again.exit_code == 2 and "exists" in again.output
+    both = run(main, ["export", str(path), "--quantized", str(tmp_path / "q2"), "-o", "x.jsonl"])
+    assert both.exit_code == 2 and "give no -o" in both.output
+    lone = run(main, ["export", str(path), "--no-vectors"])
+    assert lone.exit_code == 2 and "--quantized" in lone.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run(main, ["import", str(empty), str(tmp_path / "other.db")])
+    assert bad.exit_code == 1 and "no codebooks.parquet" in bad.output
+    assert not (tmp_path / "other.db").exists()
