@@ -769,7 +769,7 @@ def export(db, output, fmt, quantized, no_vectors, batch_size, quiet):
         with _open(db, readonly=True) as store, _Progress.for_terminal(quiet) as progress:
             n = store.export_quantized(quantized, with_vectors=False if no_vectors else None,
                                        progress=progress)
-        click.echo(f"Exported {_count(n)} as codes to {quantized}", err=True)
+        click.echo(f"Exported {_count(n)} as codes to {quantized}")
         return
     if no_vectors:
         raise click.UsageError("--no-vectors goes with --quantized")

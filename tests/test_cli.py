@@ -4,6 +4,7 @@ import csv
 import errno
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -558,7 +559,7 @@ COMMAND_ARGS = {
     "create": ["NEW", "--dim", "4"], "add": ["NEW", "-"], "train": ["DB"], "retrain": ["DB"],
     "search": ["DB", "--id", "1"], "get": ["DB", "--id", "1"], "delete": ["DB", "--id", "1"],
     "compact": ["DB"], "info": ["DB"], "export": ["DB"], "bench": ["DATA"], "count": ["DB"],
-    "text-search": ["DB", "word"],
+    "text-search": ["DB", "word"], "import": ["EXPORT", "NEW"],
 }
 
 
@@ -566,11 +567,16 @@ COMMAND_ARGS = {
 def test_every_command_turns_an_escaped_sqlite_error_into_one_line(
         db, tmp_path, dataset, monkeypatch, command):
     assert set(COMMAND_ARGS) == set(main.commands)  # a new command joins this test
+    paths = {"NEW": tmp_path / "new.db", "DB": db, "DATA": dataset, "EXPORT": tmp_path / "q"}
+    if command == "import":  # a quantized export to import (needs pyarrow)
+        if not os.environ.get("RVQSTORE_CI"):
+            pytest.importorskip("pyarrow")
+        run("export", db, "--quantized", paths["EXPORT"])
     monkeypatch.setattr(rvqstore.Store, "open", _raises(sqlite3.OperationalError("disk I/O error")))
-    paths = {"NEW": tmp_path / "new.db", "DB": db, "DATA": dataset}
     args = [paths.get(a, a) for a in COMMAND_ARGS[command]]
     message = fails(command, *args, input="[1, 2, 3, 4]\n")
-    where = "" if command == "bench" else f"{args[0]}: "  # bench's store is a temporary file
+    # bench's store is a temporary file; import's is its second argument
+    where = "" if command == "bench" else f"{args[-1 if command == 'import' else 0]}: "
     assert message == f"Error: {where}disk I/O error\n"
 
 
