@@ -6,7 +6,7 @@ active in one final transaction. :func:`drop_stale_builds` removes what a crashe
 left behind; :func:`check` verifies the active version's blocks against the vectors.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -174,6 +174,7 @@ class Figures(NamedTuple):
     train_mse: float
     added_count: int = 0
     added_sq_error: float = 0.0
+    calibration: Optional[tuple] = None  # (stages per cell, nprobe, coverage, z)
 
 
 def install(db, config, rq, figures, batches, progress, total=None):
@@ -225,4 +226,7 @@ def install(db, config, rq, figures, batches, progress, total=None):
             raise InvalidInputError("no rows to import")
         db.set_codebook_state(version, "active")
         db.set_meta(active_version=version, next_id=min(top + 1, MAX_META_INT))
+        if figures.calibration is not None:
+            db.set_meta(**{_snapshot.CALIBRATION_KEY:
+                           _snapshot.calibration_text(version, *figures.calibration)})
     return done

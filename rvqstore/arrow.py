@@ -57,7 +57,9 @@ A vector decodes as ``x^ = sum over stages s of codebooks[s, codes[s]]`` (for
 ``metric``, ``stages``, ``codebook_size``, ``codebook_version``, ``trained_at``, the
 training figures ``train_count``, ``train_mse``, ``added_count``, ``added_sq_error``
 (which set the adaptive rerank's depth), ``originals`` (how the store kept them),
-``block_size``, ``count`` (rows of codes.parquet) and ``with_vectors``.
+``block_size``, ``count`` (rows of codes.parquet), ``with_vectors`` and ``calibration``
+(null, or the partitioned search's recorded default: ``stages_per_cell``, ``nprobe``,
+``coverage``, ``rerank_error_z``).
 """
 
 import json
@@ -310,7 +312,8 @@ def write_quantized(store, directory, *, with_vectors=None, progress=None):
               "train_mse": info["train_mse"], "added_count": info["added_since_training"],
               "added_sq_error": info["added_sq_error"], "originals": store.config.originals,
               "block_size": store.config.block_size, "count": info["count"],
-              "with_vectors": bool(with_vectors)}
+              "with_vectors": bool(with_vectors),
+              "calibration": store.recorded_calibration()}
     meta = {_HEADER_KEY: json.dumps(header).encode()}
     books_schema, codes_schema = quantized_schemas(dim, S, with_vectors)
     books_schema, codes_schema = (books_schema.with_metadata(meta),
@@ -442,6 +445,7 @@ def read_quantized(directory, path, *, batch_size=65536, progress=None, **store_
         store.import_codes(rq, _code_batches(pa, parquet, codes_path, h, keep, batch_size),
                            train_count=h["train_count"], train_mse=h["train_mse"],
                            added_count=h["added_count"], added_sq_error=h["added_sq_error"],
+                           calibration=h.get("calibration"),
                            total=h["count"], progress=progress)
     except BaseException:
         store.close()

@@ -96,6 +96,24 @@ def _figures(train_count, train_mse, added_count, added_sq_error):
     return out
 
 
+def _calibration(c):
+    """(stages per cell, nprobe, coverage, z) of a calibration dict, checked; or None."""
+    if c is None:
+        return None
+    try:
+        out = (c["stages_per_cell"], c["nprobe"], c["coverage"], c["rerank_error_z"])
+    except (TypeError, KeyError) as exc:
+        raise InvalidInputError(f"calibration must be recorded_calibration()'s dict "
+                                f"(missing {exc})") from None
+    p, n, cov, z = out
+    ok = (p in (1, 2) and not isinstance(n, bool) and isinstance(n, (int, np.integer))
+          and 1 <= n < 10**10 and isinstance(cov, (int, float)) and 0 <= cov <= 1
+          and isinstance(z, (int, float)) and 0 < z <= 10)
+    if not ok:
+        raise InvalidInputError(f"calibration out of range: {c!r}")
+    return int(p), int(n), float(cov), float(z)
+
+
 def _padded(res, k):
     """The first k columns of ``res``, padded with id -1 and distance +inf."""
     if res.ids.shape[1] >= k:
@@ -478,6 +496,22 @@ class Store:
                 raise NotTrainedError(f"{db.path} is not trained: it has no codebooks yet")
             return _snapshot.codec(db, self.config, version)
 
+    @_translated
+    def recorded_calibration(self):
+        """The partitioned search calibration the file records for the active codebooks
+        (:meth:`calibrate`): ``{"stages_per_cell", "nprobe", "coverage", "rerank_error_z"}``,
+        or None when it records none."""
+        db = self._live()
+        with db.read():
+            meta = db.meta()
+            version = meta_int(meta, "active_version", db.path)
+            for prefix in (2, 1):
+                got = version and _snapshot.recorded_calibration(meta, version, prefix, db.path)
+                if got:
+                    return {"stages_per_cell": prefix, "nprobe": got[0], "coverage": got[1],
+                            "rerank_error_z": got[2]}
+        return None
+
     def iter_codes(self):
         """Yield ``(ids int64 (n,), codes uint8 (n, stages), sq_norms float32 (n,))`` of every
         stored vector, a code block (``block_size`` rows) at a time, as of one snapshot
@@ -493,7 +527,7 @@ class Store:
 
     @_translated
     def import_codes(self, quantizer, batches, *, train_count=0, train_mse=0.0, added_count=0,
-                     added_sq_error=0.0, total=None, progress=None):
+                     added_sq_error=0.0, calibration=None, total=None, progress=None):
         """Fill an empty, untrained store with vectors already encoded by ``quantizer`` (a
         :class:`ResidualQuantizer` of this store's stages, codebook size and dimension): no
         training, no encoding. All rows in one transaction: all or nothing.
@@ -505,6 +539,8 @@ class Store:
         train_count, train_mse, added_count, added_sq_error : the codebooks' figures
             (:meth:`info`), which set the adaptive rerank's depth: give the exporting
             store's to search as it did
+        calibration : None or :meth:`recorded_calibration`'s dict, recorded for the new
+            codebooks so that partitioned searches probe as deep as the exporting store's
         total : rows expected, for progress; returns the number of rows imported
         """
         db = self._live()
@@ -520,7 +556,7 @@ class Store:
         if not np.isfinite(rq.codebooks).all():
             raise InvalidInputError("codebooks hold values that are not finite")
         figures = _training.Figures(*_figures(train_count, train_mse, added_count,
-                                              added_sq_error))
+                                              added_sq_error), _calibration(calibration))
         if c.dim is None:
             with db.write():
                 db.set_meta(dim=rq.dim)

@@ -344,3 +344,39 @@ def test_quantized_export_and_import_through_the_cli(trained, tmp_path):
     bad = run(main, ["import", str(empty), str(tmp_path / "other.db")])
     assert bad.exit_code == 1 and "no codebooks.parquet" in bad.output
     assert not (tmp_path / "other.db").exists()
+
+
+def test_a_recorded_calibration_travels_with_the_codes(trained, tmp_path):
+    """A partitioned store's calibrated default nprobe goes along, so the imported store
+    probes as deep (without it a codes-only copy calibrated itself differently and its
+    answers at a million vectors were not the same)."""
+    path, _ = trained
+    with Store.open(path, partitions=16) as src:  # K partitions: a cell per first-stage code
+        chosen = src.calibrate()
+        rec = src.recorded_calibration()
+        assert rec == {"stages_per_cell": 1, "nprobe": chosen["nprobe"],
+                       "coverage": pytest.approx(chosen["coverage"], abs=1e-6),
+                       "rerank_error_z": pytest.approx(chosen["error_z"], abs=1e-3)}
+        src.export_quantized(tmp_path / "q", with_vectors=False)
+        q = clustered(30, 16, centers=12, seed=5)
+        want = src.search(q, k=10, rerank=1)
+    Store.import_quantized(tmp_path / "q", tmp_path / "c.db").close()
+    with Store.open(tmp_path / "c.db", partitions=16) as dst:
+        assert dst.recorded_calibration() == rec
+        got = dst.search(q, k=10)
+        assert dst.info()["partitions"]["nprobe"] == rec["nprobe"]
+        np.testing.assert_array_equal(got.distances, want.distances)
+        # ids equal but where two rows tie (16-byte codes repeat): then in either order
+        for a, b, d in zip(got.ids, want.ids, want.distances):
+            for dist in np.unique(d):
+                assert set(a[d == dist]) == set(b[d == dist])
+        assert (got.ids == want.ids).mean() > 0.95
+    with Store.open(tmp_path / "plain.db", dim=16, stages=4, codebook_size=16) as e:
+        rq_store = Store.open(path, readonly=True)
+        ids, codes, _ = next(rq_store.iter_codes())
+        with pytest.raises(InvalidInputError, match="calibration out of range"):
+            e.import_codes(rq_store.quantizer(), [{"ids": ids, "codes": codes,
+                                                   "vectors": rq_store.get(ids)}],
+                           calibration={**rec, "nprobe": 0})
+        rq_store.close()
+        assert len(e) == 0
