@@ -43,11 +43,7 @@ def _fit(db, config, progress):
                                         replace=False))
         blobs = db.fetch_vectors(sample_ids.tolist())
     sample = unpack(db, [blobs[i] for i in sample_ids.tolist()], c, sample_ids.tolist())
-    rq = ResidualQuantizer.train(sample, stages=c.stages, codebook_size=c.codebook_size,
-                                 beam_width=c.train_beam, seed=rng, progressive_dim=True,
-                                 n_iter=10, progress=progress)
-    codes = rq.encode(sample, beam_width=c.train_beam)
-    train_mse = float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
+    rq, train_mse = train_codebooks(sample, c, rng, progress)
     with db.write():
         version = db.next_version()
         db.insert_codebooks(version, "building", c.stages, c.codebook_size, c.dim,
@@ -90,6 +86,17 @@ def _fit(db, config, progress):
         if not c.keep_originals:
             db.clear_originals()
     report(progress, "encode", n, n)
+
+
+def train_codebooks(sample, config, rng, progress=None):
+    """(ResidualQuantizer, mean squared error on the sample) fitted to ``sample`` (float32,
+    normalised for cosine) with the store's settings: what train() and a sharded build fit."""
+    c = config
+    rq = ResidualQuantizer.train(sample, stages=c.stages, codebook_size=c.codebook_size,
+                                 beam_width=c.train_beam, seed=rng, progressive_dim=True,
+                                 n_iter=10, progress=progress)
+    codes = rq.encode(sample, beam_width=c.train_beam)
+    return rq, float(((sample - rq.decode(codes)) ** 2).sum(axis=1).mean())
 
 
 def drop_stale_builds(db):

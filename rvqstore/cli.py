@@ -529,7 +529,7 @@ def retrain(db, quiet):
 
 
 @main.command()
-@_db
+@click.argument("db", type=click.Path(), callback=_remember_db)
 @click.argument("queryfile", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--vector", "vector", type=_VectorType(), help="The query as a JSON array.")
 @click.option("--key", metavar="KEY", help="Query with the stored vector of this key.")
@@ -582,6 +582,10 @@ def search(db, queryfile, vector, key, id_, k, rerank, nprobe, stages, exclude_s
                                + (f", not {' and '.join(given)}" if given else ""))
     if exclude_self and key is None and id_ is None:
         raise click.UsageError("--exclude-self goes with --key or --id")
+    if os.path.isdir(db):
+        return _search_shards(db, queryfile, vector, k, rerank, nprobe, where, fmt, out,
+                              dict(key=key, id=id_, stages=stages, text=text,
+                                   with_metadata=with_metadata, with_documents=with_documents))
     with _open(db, readonly=True) as store:
         self_id = None
         if queryfile is not None:
@@ -606,6 +610,35 @@ def search(db, queryfile, vector, key, id_, k, rerank, nprobe, stages, exclude_s
     if out == "table" and len(queries) == 1:
         columns.remove("query")
     _emit(rows, columns, out, formats={"distance": "{:.4f}"})
+
+
+def _search_shards(directory, queryfile, vector, k, rerank, nprobe, where, fmt, out, others):
+    """search over a shard directory (rvqstore.shards.ShardedStore, threads over shards)."""
+    from .inputs import read_vectors
+    from .shards import ShardedStore
+
+    unsupported = [f"--{n.replace('_', '-')}" for n, v in others.items() if v]
+    if unsupported:
+        raise click.UsageError(f"{', '.join(unsupported)}: not with a shard directory")
+    queries = read_vectors(queryfile, format=fmt).vectors if queryfile is not None \
+        else vector[None, :]
+    with ShardedStore(directory) as shards:
+        res = shards.search(queries, k=k, rerank=rerank, nprobe=nprobe, where=where,
+                            with_keys=True)
+    res = _Results(res.ids, res.distances, res.keys)
+    rows = [{"query": q, **row} for q in range(len(queries))
+            for row in _ranked(res, q, "distance", False, False)]
+    columns = _ranked_columns(["query", "rank", "id", "key", "distance"], rows, out, False,
+                              False)
+    if out == "table" and len(queries) == 1:
+        columns.remove("query")
+    _emit(rows, columns, out, formats={"distance": "{:.4f}"})
+
+
+class _Results:
+    def __init__(self, ids, distances, keys):
+        self.ids, self.distances, self.keys = ids, distances, keys
+        self.metadata = self.documents = None
 
 
 @main.command("text-search")
@@ -839,6 +872,63 @@ def import_(source, db, no_originals, quiet):
                f"{time.perf_counter() - t:.2f} s: dim={info['dim']}, metric={info['metric']}, "
                f"{info['stages']} stages x {info['codebook_size']} codewords, "
                f"originals {'kept' if info['keep_originals'] else 'none'}")
+
+
+@main.group()
+def shard():
+    """Sharded stores on Dask: build one from a Parquet dataset or a .npy file."""
+
+
+@shard.command("build")
+@click.argument("source", type=click.Path(exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--scheduler", default="local", show_default=True, metavar="ADDRESS|local",
+              help="A Dask scheduler's address, or local: a LocalCluster of --workers "
+                   "processes on this machine.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
+              help="With --scheduler local: worker processes (one thread each).")
+@click.option("--rows-per-shard", type=click.IntRange(1), metavar="N",
+              help="For a .npy source: rows per shard [default: 65,536]. A Parquet "
+                   "dataset's partitions are its shards.")
+@click.option("--metric", type=click.Choice(METRICS), default="l2", show_default=True)
+@click.option("--stages", type=click.IntRange(1, 64), default=16, show_default=True)
+@click.option("--codebook-size", type=click.IntRange(2, 256), default=256, show_default=True)
+@click.option("--no-originals", is_flag=True, help="Keep the codes alone (no rerank).")
+@click.option("--sample", type=click.IntRange(1), default=65536, show_default=True,
+              help="Vectors sampled to train the codebooks.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_quiet
+def shard_build(source, out_dir, scheduler, workers, rows_per_shard, metric, stages,
+                codebook_size, no_originals, sample, seed, quiet):
+    """Train codebooks once on a sample of SOURCE (a Parquet file or dataset with a
+    vector column, or a .npy file), encode every partition on the Dask workers, each
+    writing its own shard store into OUT_DIR. Run it again to resume a build that
+    stopped. rvqstore search OUT_DIR searches the shards as one store."""
+    from . import dask as rdask
+
+    src = source
+    if source.endswith(".npy"):
+        import dask.array as da
+        import numpy as np
+
+        src = da.from_array(np.load(source, mmap_mode="r"),
+                            chunks=(rows_per_shard or 65536, -1))
+        rows_per_shard = None
+    t = time.perf_counter()
+    client = rdask.connect(scheduler, workers=workers)
+    try:
+        with _Progress.for_terminal(quiet) as progress:
+            manifest = rdask.build(src, out_dir, client=client, metric=metric, stages=stages,
+                                   codebook_size=codebook_size,
+                                   keep_originals=not no_originals, sample=sample, seed=seed,
+                                   rows_per_shard=rows_per_shard, progress=progress)
+    finally:
+        client.close()
+        cluster = getattr(client, "cluster", None)
+        if scheduler == "local" and cluster is not None:
+            cluster.close()
+    click.echo(f"Built {len(manifest['shards'])} shards of {_count(manifest['count'])} in "
+               f"{out_dir} in {time.perf_counter() - t:.1f} s")
 
 
 def _output_file(path, mode):

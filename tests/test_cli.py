@@ -566,7 +566,9 @@ COMMAND_ARGS = {
 @pytest.mark.parametrize("command", sorted(COMMAND_ARGS))
 def test_every_command_turns_an_escaped_sqlite_error_into_one_line(
         db, tmp_path, dataset, monkeypatch, command):
-    assert set(COMMAND_ARGS) == set(main.commands)  # a new command joins this test
+    # a new command joins this test; shard build's stores are written by Dask workers (other
+    # processes), and tests/test_dask.py checks its error lines
+    assert set(COMMAND_ARGS) == set(main.commands) - {"shard"}
     paths = {"NEW": tmp_path / "new.db", "DB": db, "DATA": dataset, "EXPORT": tmp_path / "q"}
     if command == "import":  # a quantized export to import (needs pyarrow)
         if not os.environ.get("RVQSTORE_CI"):

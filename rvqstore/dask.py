@@ -1,0 +1,323 @@
+"""Sharded build and search on Dask (``pip install 'rvqstore[dask]'``: dask, distributed).
+
+:func:`build` trains codebooks once, on a sample drawn from the source (a Dask or numpy
+array, a Parquet file or dataset, or a Dask DataFrame: a ``vector``/``embedding`` column and
+optional ``id``, ``key``, ``metadata`` and ``document``), then encodes every partition on
+the workers, each task writing its own shard file (one writer per file) into a directory
+that :class:`rvqstore.shards.ShardedStore` and :class:`DaskShardedStore` search. The shard
+layout, the global ids and the routing of later writes are described in
+:mod:`rvqstore.shards`.
+
+A build writes ``build.json`` and ``codebooks.npy`` before any shard, each shard under a
+temporary name renamed when whole, and ``manifest.json`` last: run it again on the same
+directory after a crash or a killed worker and it keeps the finished shards, writes the
+rest with the same codebooks, and only then writes the manifest.
+
+dask and distributed are imported by these functions, never by ``import rvqstore``.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import shards as _shards
+from .errors import InvalidInputError
+
+FORMAT = "rvqstore-shards"
+
+
+def _distributed():
+    try:
+        import dask  # noqa: F401
+        import distributed
+    except ImportError:
+        raise ImportError("sharding on Dask needs dask and distributed: "
+                          "pip install 'rvqstore[dask]'") from None
+    return distributed
+
+
+def connect(scheduler="local", *, workers=2, threads_per_worker=1):
+    """A ``distributed.Client``: ``"local"`` starts a LocalCluster of ``workers`` processes
+    with ``threads_per_worker`` threads each (numba and BLAS limited to as many); anything
+    else is a scheduler address."""
+    distributed = _distributed()
+    if scheduler == "local":
+        threads = str(threads_per_worker)
+        env = {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+               "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        cluster = distributed.LocalCluster(n_workers=workers,
+                                           threads_per_worker=threads_per_worker,
+                                           processes=True, dashboard_address=":0", env=env)
+        return distributed.Client(cluster)
+    return distributed.Client(scheduler)
+
+
+# ----------------------------------------------------------------------------- the source
+
+def _partitions(source, rows_per_shard):
+    """(list of delayed partitions, their row counts, kind) of the source."""
+    import dask.array as da
+    import dask.dataframe as dd
+
+    if isinstance(source, np.ndarray):
+        if source.ndim != 2:
+            raise InvalidInputError(f"vectors must be 2-D, got shape {source.shape}")
+        source = da.from_array(source, chunks=(rows_per_shard or 65536, -1))
+    if isinstance(source, (str, os.PathLike)):
+        source = dd.read_parquet(os.fspath(source))
+    if isinstance(source, da.Array):
+        if source.ndim != 2:
+            raise InvalidInputError(f"vectors must be 2-D, got shape {source.shape}")
+        if rows_per_shard:
+            source = source.rechunk((rows_per_shard, -1))
+        source = source.rechunk({1: -1})
+        return list(source.to_delayed().ravel()), [int(c) for c in source.chunks[0]], "array"
+    if isinstance(source, dd.DataFrame):
+        if rows_per_shard:
+            raise InvalidInputError("rows_per_shard applies to arrays; a DataFrame's partitions "
+                                    "are its shards (repartition it first)")
+        column = next((c for c in ("vector", "embedding") if c in source.columns), None)
+        if column is None:
+            raise InvalidInputError(f"the source has no vector column (vector or embedding); "
+                                    f"its columns: {', '.join(map(str, source.columns))}")
+        lengths = source.map_partitions(len).compute()
+        return list(source.to_delayed()), [int(n) for n in lengths], "frame"
+    raise InvalidInputError(f"the source must be a numpy or Dask array, a Parquet path or a "
+                            f"Dask DataFrame, got {type(source).__name__}")
+
+
+def _columns(part, kind):
+    """(vectors float32, ids or None, keys, metadata, documents) of one partition."""
+    if kind == "array":
+        return np.asarray(part, np.float32), None, None, None, None
+    from .filters import validate_metadata
+
+    column = "vector" if "vector" in part.columns else "embedding"
+    vectors = np.asarray([np.asarray(v, np.float32) for v in part[column]], np.float32)
+    if vectors.ndim != 2:
+        raise InvalidInputError(f"column {column!r} must hold lists of one length")
+    ids = np.asarray(part["id"], np.int64) if "id" in part.columns else None
+    keys = [None if k is None or k != k else str(k) for k in part["key"]] \
+        if "key" in part.columns else None
+    metadata = None
+    if "metadata" in part.columns:
+        metadata = []
+        for m in part["metadata"]:
+            if isinstance(m, str):
+                m = json.loads(m)
+            elif m is not None and not isinstance(m, dict):
+                m = dict(m) if m == m else None
+            metadata.append(validate_metadata(m))
+    documents = [None if d is None or d != d else str(d) for d in part["document"]] \
+        if "document" in part.columns else None
+    return vectors, ids, keys, metadata, documents
+
+
+def _sample_rows(part, kind, rows):
+    return _columns(part, kind)[0][rows]
+
+
+# ----------------------------------------------------------------------------- build
+
+def _build_task(part, kind, path, codebooks, config, figures, first_id, threads, fault):
+    """One shard: the partition's rows encoded with ``codebooks``, written at ``path``."""
+    import numba
+
+    from .algo import ResidualQuantizer
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, threads)))
+    vectors, ids, keys, metadata, documents = _columns(part, kind)
+    if ids is None:
+        ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
+    return _shards.write_shard(path, ResidualQuantizer(codebooks), config, figures, ids,
+                               vectors, keys=keys, metadata=metadata, documents=documents,
+                               fault=fault)
+
+
+def _config_for(dim, metric, stages, codebook_size, keep_originals, originals):
+    from ._config import Config
+
+    c = Config(dim=dim, metric=metric, stages=stages, codebook_size=codebook_size,
+               keep_originals=keep_originals, originals=originals)
+    c.validate()
+    return c
+
+
+def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
+          keep_originals=True, originals="float32", sample=65536, seed=0,
+          rows_per_shard=None, threads_per_task=1, progress=None, _fault=None):
+    """Build (or resume building) the shard directory ``out_dir`` from ``source`` on the
+    Dask ``client``; returns the manifest (a dict). One shard per partition of the source
+    (an array's row chunks, ``rows_per_shard`` rows each if given; a DataFrame's
+    partitions); empty partitions make no shard. ``threads_per_task``: numba threads each
+    encoding task uses (match the workers' threads).
+
+    ``progress(phase, done, total)``: "sample", "train" (the codebooks' own progress),
+    "shards". ``_fault``: (shard number, callable) run by that shard's task after it wrote
+    its rows and before it renamed its file (tests kill the worker there).
+    """
+    from . import _training
+
+    distributed = _distributed()
+    import dask
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    parts, lengths, kind = _partitions(source, rows_per_shard)
+    n = sum(lengths)
+    if n == 0:
+        raise InvalidInputError("the source holds no rows")
+    plan_path = os.path.join(out_dir, _shards.PLAN)
+    books_path = os.path.join(out_dir, _shards.CODEBOOKS)
+    settings = {"metric": metric, "stages": stages, "codebook_size": codebook_size,
+                "keep_originals": keep_originals, "originals": originals}
+    if os.path.exists(plan_path):  # resume: same source, same settings, same codebooks
+        plan = _shards.read_json(plan_path, "build plan")
+        if plan.get("rows") != lengths or plan.get("settings") != settings:
+            raise InvalidInputError(f"{out_dir} holds another build (other partitions or "
+                                    "settings): use an empty directory")
+        codebooks = np.load(books_path, allow_pickle=False)
+        if _shards.fingerprint(codebooks) != plan.get("codebooks"):
+            raise InvalidInputError(f"{books_path} does not match {plan_path}")
+        dim = codebooks.shape[2]
+    else:
+        rng = np.random.default_rng(seed)
+        take = np.sort(rng.choice(n, min(n, sample), replace=False))
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        tasks = []
+        for j, part in enumerate(parts):
+            rows = take[(take >= starts[j]) & (take < starts[j + 1])] - starts[j]
+            if len(rows):
+                tasks.append(dask.delayed(_sample_rows)(part, kind, rows))
+        if progress is not None:
+            progress("sample", 0, len(take))
+        x = np.concatenate(client.gather(client.compute(tasks)))
+        if progress is not None:
+            progress("sample", len(take), len(take))
+        dim = x.shape[1]
+        config = _config_for(dim, **settings)
+        if metric == "cosine":
+            from .algo import normalize
+            x = normalize(x)
+        rq, mse = _training.train_codebooks(x, config, rng, progress)
+        codebooks = rq.codebooks
+        np.save(books_path + ".partial.npy", codebooks)
+        os.replace(books_path + ".partial.npy", books_path)
+        plan = {"format": FORMAT, "version": 1, "settings": settings, "dim": dim,
+                "rows": lengths, "codebooks": _shards.fingerprint(codebooks),
+                "train_count": int(len(x)), "train_mse": mse}
+        _shards.write_json(plan_path, plan)
+    config = _config_for(dim, **settings)
+    figures = _training.Figures(plan["train_count"], plan["train_mse"])
+    first = np.concatenate([[0], np.cumsum(lengths)])
+    todo = []
+    for j, rows in enumerate(lengths):
+        path = os.path.join(out_dir, _shards.shard_name(j))
+        if rows == 0 or _finished(path, rows, plan["codebooks"]):
+            continue
+        fault = _fault[1] if _fault is not None and _fault[0] == j else None
+        todo.append((j, dask.delayed(_build_task)(parts[j], kind, path, codebooks, config,
+                                                  figures, int(first[j]),
+                                                  threads_per_task, fault)))
+    total = sum(1 for r in lengths if r)
+    done = total - len(todo)
+    if progress is not None:
+        progress("shards", done, total)
+    futures = client.compute([t for _, t in todo])
+    which = {f.key: j for f, (j, _) in zip(futures, todo)}
+    future = None
+    try:
+        for future in distributed.as_completed(futures):
+            future.result()  # raises the task's error
+            # forgotten at once: a worker that dies later must not make the scheduler run
+            # a finished shard again (its file is what counts, not the task's result)
+            future.release()
+            done += 1
+            if progress is not None:
+                progress("shards", done, total)
+    except Exception as exc:
+        client.cancel(futures)
+        failed = sorted({which[f.key] for f in futures if f.status == "error"}
+                        | ({which[future.key]} if future is not None else set()))
+        raise _shards.ShardError(f"the build of {out_dir} stopped: shard(s) {failed[:5]} "
+                                 f"failed ({type(exc).__name__}: {exc}); the finished shards "
+                                 "are kept, run the build again to resume") from exc
+    manifest = {"format": FORMAT, "version": 1, "codebooks": plan["codebooks"], "dim": dim,
+                **settings, "count": n,
+                "shards": [{"file": _shards.shard_name(j), "rows": rows, "first_id":
+                            int(first[j])} for j, rows in enumerate(lengths) if rows]}
+    _shards.write_json(os.path.join(out_dir, _shards.MANIFEST), manifest)
+    return manifest
+
+
+def _finished(path, rows, codebooks):
+    """A shard under its final name that holds its rows with these codebooks (a file that
+    is not is removed, to be written again)."""
+    from .errors import RvqstoreError
+    from .store import Store
+
+    if not os.path.exists(path):
+        return False
+    try:
+        with Store.open(path, readonly=True, create=False) as s:
+            if len(s) == rows and s.user_meta().get("rvqstore.codebooks") == codebooks:
+                return True
+    except RvqstoreError:
+        pass
+    _shards.remove_store_files(path)
+    return False
+
+
+# ----------------------------------------------------------------------------- search
+
+class ShardServer:
+    """A Dask actor on one worker holding its shards open between queries."""
+
+    def __init__(self, paths, allow_partial, store_options):
+        self.store = _shards.ShardedStore(paths, allow_partial=allow_partial, threads=1,
+                                          **store_options)
+
+    def search(self, queries, k, where, rerank, nprobe, with_keys):
+        live = [s for s in self.store.stores if s is not None]
+        ids, dist, keys = _shards.merge(_shards.search_shards(
+            live, queries, k, where=where, rerank=rerank, nprobe=nprobe,
+            with_keys=with_keys), k)
+        return ids, dist, keys, tuple(self.store.missing)
+
+    def close(self):
+        self.store.close()
+
+
+class DaskShardedStore:
+    """The shards of ``source`` (a directory or list of files every worker can read)
+    searched on a Dask cluster: each worker holds an actor with its share of the shards
+    open between queries, and a query goes to each actor directly (no scheduler round
+    trip, one call per worker, not per shard); the per-worker top k are merged here."""
+
+    def __init__(self, client, source, *, allow_partial=False, **store_options):
+        _distributed()
+        paths = _shards.shard_paths(source)
+        workers = sorted(client.scheduler_info()["workers"])
+        groups = [paths[i::len(workers)] for i in range(len(workers))]
+        futures = [client.submit(ShardServer, g, allow_partial, store_options, workers=[w],
+                                 actor=True, pure=False)
+                   for w, g in zip(workers, groups) if g]
+        self.actors = [f.result() for f in futures]
+        self.paths = paths
+
+    def search(self, queries, *, k=10, where=None, rerank=None, nprobe=None,
+               with_keys=False) -> "_shards.ShardedResult":
+        single = np.ndim(queries) == 1
+        q = np.atleast_2d(np.asarray(queries, np.float32))
+        calls = [a.search(q, k, where, rerank, nprobe, with_keys) for a in self.actors]
+        got = [c.result() for c in calls]
+        ids, dist, keys = _shards.merge([g[:3] for g in got], k)
+        missing = tuple(p for g in got for p in g[3])
+        if single:
+            ids, dist, keys = ids[0], dist[0], None if keys is None else keys[0]
+        return _shards.ShardedResult(ids, dist, keys, bool(missing), missing)
+
+    def close(self):
+        for a in self.actors:
+            a.close().result()
