@@ -211,13 +211,14 @@ def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
     config = _config_for(dim, **settings)
     figures = _training.Figures(plan["train_count"], plan["train_mse"])
     first = np.concatenate([[0], np.cumsum(lengths)])
+    books = dask.delayed(codebooks, pure=True)  # one node of the graph, not one copy per task
     todo = []
     for j, rows in enumerate(lengths):
         path = os.path.join(out_dir, _shards.shard_name(j))
         if rows == 0 or _finished(path, rows, plan["codebooks"]):
             continue
         fault = _fault[1] if _fault is not None and _fault[0] == j else None
-        todo.append((j, dask.delayed(_build_task)(parts[j], kind, path, codebooks, config,
+        todo.append((j, dask.delayed(_build_task)(parts[j], kind, path, books, config,
                                                   figures, int(first[j]),
                                                   threads_per_task, fault)))
     total = sum(1 for r in lengths if r)

@@ -1,0 +1,205 @@
+"""Sharded build and search: encoding throughput on 1 and 2 Dask workers, an extrapolation
+(on paper) to 100M vectors, and sharded against single-store search on the same vectors.
+
+    python -m benchmarks.sharded ../shared/data/wordnet-minilm --store BIG.db
+
+Build: the dataset's base vectors in shards of --rows-per-shard rows. The codebooks are
+trained once (a first build); the timed builds then resume from its build.json and
+codebooks.npy with the shard files removed, so they time encoding and writing alone, on a
+LocalCluster of 1 and of 2 worker processes with one thread each (numba and BLAS limited
+to one thread by the workers' environment).
+
+Search: --store (a trained store, e.g. the 1M benchmark store) is cut into --shards shards
+holding its codes, originals and keys (no re-encoding: the same codebooks and codes), then
+the same batch of queries runs on the single store, on ShardedStore (threads over shards)
+and on DaskShardedStore (actors on 2 workers). Needs the dask, arrow and bench extras.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from rvqstore import Store
+from rvqstore import dask as rdask
+from rvqstore import shards as rshards
+
+from .common import Threads, load_dataset, markdown_table
+
+
+def _timed_build(base, out, workers, rows, sample, stages, size):
+    """Seconds of the shard phase (from the first to the last shard progress report)."""
+    marks = {}
+
+    def progress(phase, done, total):
+        if phase == "shards":
+            marks.setdefault("start", time.perf_counter())
+            marks["end"] = time.perf_counter()
+
+    client = rdask.connect("local", workers=workers)
+    try:
+        t = time.perf_counter()
+        rdask.build(base, out, client=client, rows_per_shard=rows, sample=sample,
+                    stages=stages, codebook_size=size, progress=progress)
+        total = time.perf_counter() - t
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    return marks["end"] - marks["start"], total
+
+
+def _clear_shards(out):
+    for name in os.listdir(out):
+        if name.startswith("shard-") or name == rshards.MANIFEST:
+            os.remove(os.path.join(out, name))
+
+
+def build_part(args, work):
+    base, _, _ = load_dataset(args.dataset, limit=args.build_rows)
+    out = os.path.join(work, "build")
+    _, first = _timed_build(base, out, 2, args.rows_per_shard, args.sample, 16, 256)
+    rows = []
+    rates = {}
+    for workers in (1, 2) * args.repeats:
+        _clear_shards(out)
+        shard_s, _ = _timed_build(base, out, workers, args.rows_per_shard, args.sample, 16, 256)
+        rates.setdefault(workers, []).append(len(base) / shard_s)
+    for workers in (1, 2):
+        r = statistics.median(rates[workers])
+        rows.append([workers, f"{r:,.0f}", f"{r / statistics.median(rates[1]):.2f}x",
+                     ", ".join(f"{x:,.0f}" for x in rates[workers])])
+    print(f"\n### Build: {len(base):,} x {base.shape[1]} vectors, 16 stages x 256, "
+          f"{-(-len(base) // args.rows_per_shard)} shards; first build with training "
+          f"{first:.1f} s (2 workers); timed: encode + write only, median of {args.repeats}")
+    print(markdown_table(["workers (1 thread each)", "vectors/s", "vs 1 worker", "runs"], rows))
+    per_worker = statistics.median(rates[2]) / 2
+    eff = statistics.median(rates[2]) / (2 * statistics.median(rates[1]))
+    print(f"\n### On paper: 100M vectors at the measured {per_worker:,.0f} vectors/s per worker "
+          f"(2-worker rate / 2), assuming the 2-worker efficiency ({eff:.2f}) holds and the "
+          "sample + training ({:.0f} s here) stays on one machine".format(first - len(base) /
+                                                                          statistics.median(
+                                                                              rates[2])))
+    table = []
+    for n in (1, 2, 8, 32, 128):
+        seconds = 100e6 / (per_worker * n)
+        table.append([n, f"{seconds / 3600:,.1f} h" if seconds > 5400 else
+                      f"{seconds / 60:,.0f} min"])
+    print(markdown_table(["workers", "encode + write 100M"], table))
+
+
+def _cut(store, out, n_shards):
+    """Shard files holding ``store``'s rows in id ranges, with its codes (no re-encoding)."""
+    os.makedirs(out, exist_ok=True)
+    rq = store.quantizer()
+    info = store.info()
+    mark = rshards.fingerprint(rq.codebooks)
+    ids = store.ids()
+    bounds = np.linspace(0, len(ids), n_shards + 1).astype(int)
+    codes_of = {}
+    for i, c, _ in store.iter_codes():
+        for a, b in zip(i.tolist(), c):
+            codes_of[a] = b
+    entries = []
+    for j in range(n_shards):
+        part = ids[bounds[j]:bounds[j + 1]]
+        path = os.path.join(out, rshards.shard_name(j))
+        rshards.remove_store_files(path)
+        s = Store.open(path, dim=store.dim, metric=store.metric, stages=info["stages"],
+                       codebook_size=info["codebook_size"], durable=False)
+        batches = ({"ids": part[a:a + 65536],
+                    "codes": np.stack([codes_of[i] for i in part[a:a + 65536].tolist()]),
+                    "vectors": store.get(part[a:a + 65536]),
+                    "keys": store.keys(part[a:a + 65536])}
+                   for a in range(0, len(part), 65536))
+        s.import_codes(rq, batches, train_count=info["train_count"],
+                       train_mse=info["train_mse"], added_count=info["added_since_training"],
+                       added_sq_error=info["added_sq_error"])
+        s.set_user_meta("rvqstore.codebooks", mark)
+        s.calibrate()
+        s.close()
+        entries.append({"file": rshards.shard_name(j), "rows": int(len(part)),
+                        "first_id": int(part[0])})
+    rshards.write_json(os.path.join(out, rshards.MANIFEST),
+                       {"format": "rvqstore-shards", "version": 1, "codebooks": mark,
+                        "shards": entries, "count": int(len(ids))})
+
+
+def search_part(args, work):
+    _, queries, _ = load_dataset(args.dataset, queries=args.queries)
+    out = os.path.join(work, "cut")
+    single = Store.open(args.store, readonly=True)
+    t = time.perf_counter()
+    _cut(single, out, args.shards)
+    print(f"\n### Search: {len(single):,} vectors of {args.store} cut into {args.shards} shards "
+          f"({time.perf_counter() - t:.0f} s), batch of {len(queries)} queries, k=10")
+    client = rdask.connect("local", workers=2)
+    rows = []
+    try:
+        with Threads(2):
+            local = rshards.ShardedStore(out, threads=2)
+            remote = rdask.DaskShardedStore(client, out)
+            want = single.search(queries, k=10)
+            systems = [("single store", lambda: single.search(queries, k=10)),
+                       (f"ShardedStore, {args.shards} shards, 2 threads",
+                        lambda: local.search(queries, k=10)),
+                       (f"DaskShardedStore, {args.shards} shards, 2 workers",
+                        lambda: remote.search(queries, k=10))]
+            times = {name: [] for name, _ in systems}
+            same = {}
+            for _ in range(args.repeats):
+                for name, fn in systems:
+                    t = time.perf_counter()
+                    res = fn()
+                    times[name].append(time.perf_counter() - t)
+                    same[name] = float((res.ids == want.ids).all(axis=1).mean())
+            base = len(queries) / statistics.median(times["single store"])
+            for name, _ in systems:
+                qps = len(queries) / statistics.median(times[name])
+                rows.append([name, f"{qps:,.0f}", f"{qps / base:.2f}x",
+                             f"{same[name]:.3f}"])
+            lone = []
+            for q in queries[:50]:
+                t = time.perf_counter()
+                remote.search(q, k=10)
+                lone.append(time.perf_counter() - t)
+            local.close()
+            remote.close()
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+        single.close()
+    print(markdown_table(["search", "batch QPS (median)", "vs single", "queries identical"],
+                         rows))
+    print(f"DaskShardedStore, one query per call: median {statistics.median(lone) * 1e3:.1f} ms")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset")
+    ap.add_argument("--store", help="a trained store for the search part (omit: no search)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--build-rows", type=int, default=100_000)
+    ap.add_argument("--rows-per-shard", type=int, default=12_500)
+    ap.add_argument("--sample", type=int, default=32768)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="rvqstore-sharded-")
+    try:
+        if not args.skip_build:
+            build_part(args, work)
+        if args.store:
+            search_part(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
