@@ -3,7 +3,8 @@
 
     python -m benchmarks.sharded ../shared/data/wordnet-minilm --store BIG.db
 
-Build: the dataset's base vectors in shards of --rows-per-shard rows. The codebooks are
+Build: the dataset's base vectors written as a Parquet dataset of one file per
+--rows-per-shard rows (each file a partition, so a shard). The codebooks are
 trained once (a first build); the timed builds then resume from its build.json and
 codebooks.npy with the shard files removed, so they time encoding and writing alone, on a
 LocalCluster of 1 and of 2 worker processes with one thread each (numba and BLAS limited
@@ -31,7 +32,7 @@ from rvqstore import shards as rshards
 from .common import Threads, load_dataset, markdown_table
 
 
-def _timed_build(base, out, workers, rows, sample, stages, size):
+def _timed_build(data, n, out, workers, sample, stages, size):
     """Seconds of the shard phase (from the first to the last shard progress report)."""
     marks = {}
 
@@ -43,8 +44,8 @@ def _timed_build(base, out, workers, rows, sample, stages, size):
     client = rdask.connect("local", workers=workers)
     try:
         t = time.perf_counter()
-        rdask.build(base, out, client=client, rows_per_shard=rows, sample=sample,
-                    stages=stages, codebook_size=size, progress=progress)
+        rdask.build(data, out, client=client, sample=sample, stages=stages,
+                    codebook_size=size, progress=progress)
         total = time.perf_counter() - t
     finally:
         cluster = client.cluster
@@ -59,15 +60,31 @@ def _clear_shards(out):
             os.remove(os.path.join(out, name))
 
 
+def _parquet(base, folder, rows):
+    """``base`` as a Parquet dataset of one file per ``rows`` rows (a partition each): the
+    workers read their own partitions, as from a real dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder, exist_ok=True)
+    for j, a in enumerate(range(0, len(base), rows)):
+        part = np.ascontiguousarray(base[a:a + rows], np.float32)
+        table = pa.table({"vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(part.reshape(-1)), base.shape[1])})
+        pq.write_table(table, os.path.join(folder, f"part-{j:05d}.parquet"))
+    return folder
+
+
 def build_part(args, work):
     base, _, _ = load_dataset(args.dataset, limit=args.build_rows)
+    data = _parquet(base, os.path.join(work, "data"), args.rows_per_shard)
     out = os.path.join(work, "build")
-    _, first = _timed_build(base, out, 2, args.rows_per_shard, args.sample, 16, 256)
+    _, first = _timed_build(data, len(base), out, 2, args.sample, 16, 256)
     rows = []
     rates = {}
     for workers in (1, 2) * args.repeats:
         _clear_shards(out)
-        shard_s, _ = _timed_build(base, out, workers, args.rows_per_shard, args.sample, 16, 256)
+        shard_s, _ = _timed_build(data, len(base), out, workers, args.sample, 16, 256)
         rates.setdefault(workers, []).append(len(base) / shard_s)
     for workers in (1, 2):
         r = statistics.median(rates[workers])
