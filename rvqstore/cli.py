@@ -52,6 +52,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except RvqstoreError as exc:
             raise _error(str(exc)) from None
+        except ImportError as exc:  # an optional extra not installed: say which
+            if "pip install 'rvqstore[" not in str(exc):
+                raise
+            raise _error(str(exc)) from None
         except BrokenPipeError:  # `rvqstore export vecs.db | head`: click exits quietly
             raise
         except OSError as exc:  # output files, and the safety net under the library

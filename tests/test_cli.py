@@ -1024,3 +1024,14 @@ def test_hybrid_distances_a_store_cannot_compute_are_blank(tmp_path, vectors):
 
 def _f32(x):
     return float(str(np.float32(x)))
+
+
+def test_a_missing_extra_is_one_error_line_naming_it(db, tmp_path, monkeypatch):
+    from rvqstore import arrow
+
+    def missing():
+        raise ImportError("Arrow and Parquet need pyarrow: pip install 'rvqstore[arrow]'")
+
+    monkeypatch.setattr(arrow, "_pyarrow", missing)
+    assert fails("export", db, "-o", tmp_path / "x.parquet") == (
+        "Error: Arrow and Parquet need pyarrow: pip install 'rvqstore[arrow]'\n")
