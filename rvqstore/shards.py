@@ -68,6 +68,9 @@ def write_shard(path, rq, config, figures, ids, vectors, *, keys=None, metadata=
                 documents=None, fault=None) -> int:
     """Encode ``vectors`` with the codebooks ``rq`` and write them as an ordinary store at
     ``path``, atomically: built as ``path.partial``, renamed when whole. Returns the rows.
+    The one transaction commits without its own fsync (``durable=False``); closing the
+    store checkpoints the WAL into the file and syncs it, before the rename (and the
+    directory is synced after it).
 
     config : :class:`rvqstore._config.Config` of the shard (dim, metric, stages...)
     figures : :class:`rvqstore._training.Figures` of the codebooks
@@ -87,7 +90,7 @@ def write_shard(path, rq, config, figures, ids, vectors, *, keys=None, metadata=
                        keep_originals=config.keep_originals, originals=config.originals,
                        block_size=config.block_size, train_beam=config.train_beam,
                        add_beam=config.add_beam, train_sample=config.train_sample,
-                       seed=config.seed)
+                       seed=config.seed, durable=False)
     try:
         batch = {"ids": np.asarray(ids, np.int64),
                  "codes": rq.encode(x, beam_width=config.train_beam), "keys": keys,
