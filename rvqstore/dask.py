@@ -279,12 +279,41 @@ class ShardServer:
         self.store = _shards.ShardedStore(paths, allow_partial=allow_partial, threads=1,
                                           **store_options)
 
+    def _live(self):
+        return [s for s in self.store.stores if s is not None]
+
+    def margins(self):
+        """The adaptive rerank's margins of this worker's shards, or None when they cannot
+        take part in a two-phase search (untrained, or without originals)."""
+        from .errors import NotTrainedError
+
+        live = self._live()
+        if not all(s.config.keep_originals for s in live):
+            return None
+        try:
+            return [s.rerank_margin() for s in live if len(s)]
+        except NotTrainedError:
+            return None
+
+    def candidates(self, queries, k, where, nprobe):
+        return _shards.candidates(self._live(), queries, k, where=where, nprobe=nprobe)
+
+    def originals(self, shard, ids):
+        return self._live()[shard].get(ids)
+
+    def keys(self, shard, ids):
+        return self._live()[shard].keys(ids)
+
     def search(self, queries, k, where, rerank, nprobe, with_keys):
-        live = [s for s in self.store.stores if s is not None]
+        live = self._live()
         ids, dist, keys = _shards.merge(_shards.search_shards(
             live, queries, k, where=where, rerank=rerank, nprobe=nprobe,
             with_keys=with_keys), k)
         return ids, dist, keys, tuple(self.store.missing)
+
+    def describe(self):
+        return {"missing": list(self.store.missing), "dim": self.store.dim,
+                "metric": self.store.metric}
 
     def close(self):
         self.store.close()
@@ -306,18 +335,65 @@ class DaskShardedStore:
                    for w, g in zip(workers, groups) if g]
         self.actors = [f.result() for f in futures]
         self.paths = paths
+        info = [a.describe().result() for a in self.actors]
+        self.missing = tuple(p for i in info for p in i["missing"])
+        self.dim, self.metric = info[0]["dim"], info[0]["metric"]
+        self._margins = None
 
     def search(self, queries, *, k=10, where=None, rerank=None, nprobe=None,
                with_keys=False) -> "_shards.ShardedResult":
         single = np.ndim(queries) == 1
         q = np.atleast_2d(np.asarray(queries, np.float32))
-        calls = [a.search(q, k, where, rerank, nprobe, with_keys) for a in self.actors]
-        got = [c.result() for c in calls]
-        ids, dist, keys = _shards.merge([g[:3] for g in got], k)
-        missing = tuple(p for g in got for p in g[3])
+        margins = None
+        if rerank is None:
+            if self._margins is None:
+                got = [a.margins().result() for a in self.actors]
+                self._margins = [m for g in got for m in g] if all(
+                    g is not None for g in got) else []
+            margins = self._margins
+        if margins:
+            ids, dist, keys = self._two_phase(q, k, margins, where, nprobe, with_keys)
+        else:
+            calls = [a.search(q, k, where, rerank, nprobe, with_keys) for a in self.actors]
+            got = [c.result() for c in calls]
+            ids, dist, keys = _shards.merge([g[:3] for g in got], k)
+        missing = self.missing
         if single:
             ids, dist, keys = ids[0], dist[0], None if keys is None else keys[0]
         return _shards.ShardedResult(ids, dist, keys, bool(missing), missing)
+
+    def _two_phase(self, q, k, margins, where, nprobe, with_keys):
+        """:func:`rvqstore.shards.two_phase` with each worker's shards behind its actor:
+        one call per worker for the candidates, one per worker holding originals to read."""
+        got = [c.result() for c in [a.candidates(q, k, where, nprobe) for a in self.actors]]
+        ids, est, _ = _shards.merge_candidates([(g[0], g[1]) for g in got], k * 50)
+        # owner of each candidate: (actor, shard within the actor), numbered as one list
+        owners = {}
+        for j, g in enumerate(got):
+            owners.update(zip(g[0][g[0] >= 0].tolist(),
+                              [(j, int(s)) for s in g[2][g[0] >= 0].tolist()]))
+        index = {o: n for n, o in enumerate(sorted(set(owners.values())))}
+        owner = np.vectorize(lambda i: index[owners[i]] if i >= 0 else -1,
+                             otypes=[np.int64])(ids) if ids.size else ids
+        back = {n: o for o, n in index.items()}
+
+        def fetch_from(n, wanted):
+            a, s = back[n]
+            return self.actors[a].originals(s, wanted).result()
+
+        res, held = _shards.rerank_merged(q, ids, est, owner, k, margins, fetch_from,
+                                          dim=self.dim, metric=self.metric)
+        keys = None
+        if with_keys:
+            keys = [[None] * len(row) for row in res.ids]
+            for qi, row in enumerate(res.ids.tolist()):
+                for n in set(held[i] for i in row if i >= 0):
+                    mine = [c for c, i in enumerate(row) if i >= 0 and held[i] == n]
+                    a, s = back[n]
+                    for c, key in zip(mine, self.actors[a].keys(s, [row[c] for c in mine])
+                                      .result()):
+                        keys[qi][c] = key
+        return res.ids, res.distances, keys
 
     def close(self):
         for a in self.actors:

@@ -30,8 +30,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from . import _config
-from .errors import (ConfigMismatchError, DuplicateError, InvalidInputError, RvqstoreError,
-                     UnknownIdError)
+from .errors import (ConfigMismatchError, DuplicateError, InvalidInputError, NotTrainedError,
+                     RvqstoreError, UnknownIdError)
 
 MANIFEST, PLAN, CODEBOOKS = "manifest.json", "build.json", "codebooks.npy"
 
@@ -221,6 +221,85 @@ def search_shards(stores, queries, k, *, where=None, rerank=None, nprobe=None,
     return list(each(one, stores))
 
 
+def candidates(stores, queries, k, *, where=None, nprobe=None, each=map):
+    """Phase one of :func:`two_phase`: every shard's top ``50 k`` by its codes alone,
+    merged: (ids, estimates, owner = the index in ``stores`` of the shard holding each)."""
+    from .store import AUTO_RERANK
+
+    depth = k * AUTO_RERANK[1]
+
+    def one(store):
+        if len(store) == 0:
+            return (np.full((len(queries), 1), -1, np.int64),
+                    np.full((len(queries), 1), np.inf, np.float32))
+        r = store.search(queries, k=depth, rerank=1, where=where, nprobe=nprobe)
+        return r.ids, r.distances
+
+    return merge_candidates(list(each(one, stores)), depth)
+
+
+def merge_candidates(per, depth):
+    """(ids, estimates, owner) of the best ``depth`` of per-part (ids, estimates)."""
+    ids = np.concatenate([p[0] for p in per], axis=1)
+    est = np.concatenate([p[1] for p in per], axis=1).astype(np.float32)
+    owner = np.concatenate([np.full(p[0].shape, j) for j, p in enumerate(per)], axis=1)
+    est = np.where(ids < 0, np.inf, est)
+    order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), est),
+                       axis=1)[:, :depth]
+    return (np.take_along_axis(ids, order, 1), np.take_along_axis(est, order, 1),
+            np.take_along_axis(owner, order, 1))
+
+
+def rerank_merged(queries, ids, est, owner, k, margins, fetch_from, *, dim, metric):
+    """Phase two of :func:`two_phase`: the depth the widest of the shards' ``margins``
+    asks for, then the exact top k; ``fetch_from(owner, ids)`` serves originals. Returns
+    (SearchResult, {id: owner})."""
+    from . import algo
+    from .store import AUTO_RERANK
+
+    q = _config.as_vectors(queries, dim=dim, metric=metric, name="queries")
+    depths = algo.search.rerank_depths(q, est, k=k, metric=metric,
+                                       rms_error=max(m["rms_error"] for m in margins),
+                                       floor=k * AUTO_RERANK[0],
+                                       z=max(m["z"] for m in margins))
+    cand = np.where(np.arange(ids.shape[1])[None, :] >= depths[:, None], -1, ids)
+    held = dict(zip(ids[cand >= 0].tolist(), owner[cand >= 0].tolist()))
+
+    def fetch(wanted):
+        out = np.empty((len(wanted), dim), np.float32)
+        at = np.asarray([held[i] for i in wanted.tolist()])
+        for j in np.unique(at):
+            rows = np.flatnonzero(at == j)
+            out[rows] = fetch_from(int(j), wanted[rows])
+        return out
+
+    return algo.rerank(q, cand, fetch, k=k, metric=metric), held
+
+
+def two_phase(stores, queries, k, margins, *, where=None, nprobe=None, with_keys=False,
+              each=map):
+    """The adaptive rerank of one store, over several: each shard ranks its codes (its top
+    ``50 k`` estimates, no rerank), the estimates are merged, the margin of the shards'
+    codes (the widest) sets how deep the merged list is reranked, and only those
+    candidates' originals are read, from the shards that hold them. With every code
+    scanned this reads and returns what one store holding every vector would.
+    ``margins``: the shards' :meth:`rvqstore.Store.rerank_margin`."""
+    ids, est, owner = candidates(stores, queries, k, where=where, nprobe=nprobe, each=each)
+    s0 = stores[0]
+    res, held = rerank_merged(queries, ids, est, owner, k, margins,
+                              lambda j, wanted: stores[j].get(wanted), dim=s0.dim,
+                              metric=s0.metric)
+    keys = None
+    if with_keys:
+        keys = [[None] * len(row) for row in res.ids]
+        for q, row in enumerate(res.ids.tolist()):
+            for j in set(held[i] for i in row if i >= 0):
+                mine = [c for c, i in enumerate(row) if i >= 0 and held[i] == j]
+                for c, key in zip(mine, stores[j].keys([row[c] for c in mine])):
+                    keys[q][c] = key
+    return res.ids, res.distances, keys
+
+
 class ShardedStore:
     """Shards searched and written as one store.
 
@@ -237,6 +316,7 @@ class ShardedStore:
                  **store_options):
         from .store import Store
 
+        self.readonly = readonly
         self.paths = shard_paths(source)
         if not self.paths:
             raise ShardError("no shards given")
@@ -301,8 +381,19 @@ class ShardedStore:
         q = np.atleast_2d(np.asarray(queries, np.float32))
         live = [s for s in self.stores if s is not None]
         each = map if self._pool is None else self._pool.map
-        ids, dist, keys = merge(search_shards(live, q, k, where=where, rerank=rerank,
-                                              nprobe=nprobe, with_keys=with_keys, each=each), k)
+        margins = None
+        if rerank is None and all(s.config.keep_originals for s in live):
+            try:
+                margins = [s.rerank_margin() for s in live if len(s)]
+            except NotTrainedError:
+                margins = None
+        if margins:
+            ids, dist, keys = two_phase(live, q, k, margins, where=where, nprobe=nprobe,
+                                        with_keys=with_keys, each=each)
+        else:
+            ids, dist, keys = merge(search_shards(live, q, k, where=where, rerank=rerank,
+                                                  nprobe=nprobe, with_keys=with_keys,
+                                                  each=each), k)
         if single:
             ids, dist, keys = ids[0], dist[0], None if keys is None else keys[0]
         return ShardedResult(ids, dist, keys, self.partial, tuple(self.missing))
@@ -326,6 +417,11 @@ class ShardedStore:
     # -- writing ---------------------------------------------------------------------------
 
     def _writable(self):
+        if self.readonly:
+            from .errors import ReadOnlyError
+
+            raise ReadOnlyError("the shards were opened read-only (ShardedStore(..., "
+                                "readonly=False) writes)")
         if self.missing:
             raise ShardError(f"cannot write with shards missing: {self.missing[:5]}")
 

@@ -497,6 +497,21 @@ class Store:
             return _snapshot.codec(db, self.config, version)
 
     @_translated
+    def rerank_margin(self, stages=None):
+        """The adaptive rerank's margin on this connection's codes: ``{"rms_error": the
+        codes' per-dimension RMS error, "z": standard deviations}`` (partitioned: as
+        calibrated). What :mod:`rvqstore.shards` needs to rerank candidates merged from
+        several stores as deep as one store would."""
+        db = self._live()
+        with db.read():
+            snap = self._current()
+            if not snap.version:
+                raise NotTrainedError(f"{db.path} is not trained: it has no codes yet")
+            index = snap.index
+            self._calibrate(index)
+            return {"rms_error": float(index.error_of(stages)), "z": float(index.error_z)}
+
+    @_translated
     def recorded_calibration(self):
         """The partitioned search calibration the file records for the active codebooks
         (:meth:`calibrate`): ``{"stages_per_cell", "nprobe", "coverage", "rerank_error_z"}``,

@@ -28,7 +28,8 @@ from rvqstore import Store  # noqa: E402
 from rvqstore import dask as rdask  # noqa: E402
 from rvqstore.algo import ResidualQuantizer  # noqa: E402
 from rvqstore.cli import main  # noqa: E402
-from rvqstore.errors import ConfigMismatchError, DuplicateError, UnknownIdError  # noqa: E402
+from rvqstore.errors import (ConfigMismatchError, DuplicateError, ReadOnlyError,  # noqa: E402
+                             UnknownIdError)
 from rvqstore.shards import ShardedStore, ShardError, route  # noqa: E402
 
 from conftest import clustered  # noqa: E402
@@ -85,9 +86,12 @@ def built(client, dataset, tmp_path_factory):
 def _one_store(path, out, x, metas):
     """One store holding every vector, encoded with the shards' codebooks."""
     rq = ResidualQuantizer(np.load(out / "codebooks.npy"))
+    with Store.open(out / "shard-00000.db", readonly=True) as shard:
+        info = shard.info()  # the codebooks' training figures, which set rerank depths
     s = Store.open(path, dim=DIM, stages=4, codebook_size=16)
     s.import_codes(rq, [{"ids": np.arange(N), "codes": rq.encode(x), "vectors": x,
-                         "keys": [f"k{i}" for i in range(N)], "metadata": metas}])
+                         "keys": [f"k{i}" for i in range(N)], "metadata": metas}],
+                   train_count=info["train_count"], train_mse=info["train_mse"])
     return s, rq
 
 
@@ -220,6 +224,8 @@ def test_writes_route_by_key_and_retrain_rewrites_every_shard(built, tmp_path):
         all_ids = np.concatenate([st.ids() for st in s.stores])
         got = s.search(q, k=3, rerank=50)
         np.testing.assert_array_equal(got.ids, all_ids[np.argsort(d, axis=1)[:, :3]])
+    with ShardedStore(copy) as s, pytest.raises(ReadOnlyError):
+        s.retrain()
     # a shard left on other codebooks is refused
     shutil.copy(out / "shard-00000.db", copy / "shard-00000.db")
     with pytest.raises(ConfigMismatchError, match="one set of codebooks"):
@@ -251,3 +257,26 @@ def test_cli_builds_on_a_scheduler_and_searches_the_directory(client, dataset, t
     os.remove(out / "manifest.json")
     gone = CliRunner().invoke(main, ["search", str(out), "--vector", json.dumps(x[7].tolist())])
     assert gone.exit_code == 1 and "manifest.json is missing" in gone.output
+
+
+def test_the_default_adaptive_rerank_over_shards_reads_and_answers_as_one_store(
+        built, dataset, client, tmp_path):
+    out, _ = built
+    _, x, metas = dataset
+    single, _ = _one_store(tmp_path / "one.db", out, x, metas)
+    q = clustered(40, DIM, centers=10, seed=34) + 0.5  # off the data: rerank depths vary
+    remote = rdask.DaskShardedStore(client, out)
+    with ShardedStore(out) as shards:
+        for where in (None, {"tag": "c"}):
+            want = single.search(q, k=10, where=where)
+            for sharded in (shards, remote):
+                got = sharded.search(q, k=10, where=where, with_keys=True)
+                np.testing.assert_array_equal(got.ids, want.ids)
+                np.testing.assert_allclose(got.distances, want.distances, rtol=1e-6)
+                assert got.keys == [[f"k{i}" for i in row] for row in got.ids]
+        reads = [s.info()["search_plans"]["originals_read"] for s in shards.stores]
+        shards.search(q, k=10)
+        read = sum(s.info()["search_plans"]["originals_read"] for s in shards.stores) - sum(reads)
+        assert read == 0  # phase one ranks codes alone: the originals come through get()
+    remote.close()
+    single.close()
