@@ -15,9 +15,12 @@ asks every shard for it; a new key goes to shard ``crc32(key as UTF-8) mod shard
 rows get ids above every stored id. Retraining fits one new set of codebooks on a sample
 drawn from all shards (in proportion to their sizes) and rewrites every shard with it.
 
-Search runs each shard's own search (exact rerank over its originals) and merges the
-per-shard top k into the global top k by distance: with a rerank deep enough to be exact
-in every shard, the merged answer is the answer of one store holding every vector.
+Search with the default adaptive rerank is two-phase (:func:`two_phase`): every shard
+ranks its codes alone, the estimates are merged, and the merged list is reranked exactly
+as deep as one store would rerank it (the margin of the shards' codes), reading the
+originals from the shards that hold them: with every code scanned, the answer (and the
+originals read) is that of one store holding every vector. With ``rerank=N`` each shard
+runs its own search and the per-shard top k are merged by exact distance.
 """
 
 import concurrent.futures
