@@ -65,7 +65,9 @@ def _partitions(source, rows_per_shard):
             raise InvalidInputError(f"vectors must be 2-D, got shape {source.shape}")
         source = da.from_array(source, chunks=(rows_per_shard or 65536, -1))
     if isinstance(source, (str, os.PathLike)):
-        source = dd.read_parquet(os.fspath(source))
+        # Arrow-backed columns: a partition's vectors come out as one array, not as a
+        # pandas object column of per-row arrays
+        source = dd.read_parquet(os.fspath(source), dtype_backend="pyarrow")
     if isinstance(source, da.Array):
         if source.ndim != 2:
             raise InvalidInputError(f"vectors must be 2-D, got shape {source.shape}")
@@ -93,25 +95,48 @@ def _columns(part, kind):
         return np.asarray(part, np.float32), None, None, None, None
     from .filters import validate_metadata
 
+    import pandas as pd
+
     column = "vector" if "vector" in part.columns else "embedding"
-    vectors = np.asarray([np.asarray(v, np.float32) for v in part[column]], np.float32)
+    col = part[column]
+    if isinstance(col.dtype, pd.ArrowDtype):
+        import pyarrow as pa
+
+        lists = pa.array(col.array)
+        sizes = np.asarray(lists.value_lengths()) if not pa.types.is_fixed_size_list(
+            lists.type) else np.full(len(lists), lists.type.list_size)
+        if lists.null_count or (len(sizes) and (sizes != sizes[0]).any()):
+            raise InvalidInputError(f"column {column!r} must hold lists of one length")
+        vectors = np.asarray(lists.flatten().to_numpy(zero_copy_only=False),
+                             np.float32).reshape(len(col), -1)
+    else:
+        vectors = np.asarray([np.asarray(v, np.float32) for v in col], np.float32)
     if vectors.ndim != 2:
         raise InvalidInputError(f"column {column!r} must hold lists of one length")
     ids = np.asarray(part["id"], np.int64) if "id" in part.columns else None
-    keys = [None if k is None or k != k else str(k) for k in part["key"]] \
+    keys = [None if _missing(k) else str(k) for k in part["key"]] \
         if "key" in part.columns else None
     metadata = None
     if "metadata" in part.columns:
         metadata = []
         for m in part["metadata"]:
-            if isinstance(m, str):
+            if _missing(m):
+                m = None
+            elif isinstance(m, str):
                 m = json.loads(m)
-            elif m is not None and not isinstance(m, dict):
-                m = dict(m) if m == m else None
+            elif not isinstance(m, dict):
+                m = dict(m)
             metadata.append(validate_metadata(m))
-    documents = [None if d is None or d != d else str(d) for d in part["document"]] \
+    documents = [None if _missing(d) else str(d) for d in part["document"]] \
         if "document" in part.columns else None
     return vectors, ids, keys, metadata, documents
+
+
+def _missing(value):
+    """None, NaN or pandas' NA (a null cell of an object or an Arrow column)."""
+    import pandas as pd
+
+    return value is None or (not isinstance(value, (dict, list, str)) and bool(pd.isna(value)))
 
 
 def _sample_rows(part, kind, rows):
