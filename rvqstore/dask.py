@@ -252,23 +252,24 @@ def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
         progress("shards", done, total)
     futures = client.compute([t for _, t in todo])
     which = {f.key: j for f, (j, _) in zip(futures, todo)}
-    future = None
-    try:
-        for future in distributed.as_completed(futures):
-            future.result()  # raises the task's error
-            # forgotten at once: a worker that dies later must not make the scheduler run
-            # a finished shard again (its file is what counts, not the task's result)
-            future.release()
-            done += 1
-            if progress is not None:
-                progress("shards", done, total)
-    except Exception as exc:
-        client.cancel(futures)
-        failed = sorted({which[f.key] for f in futures if f.status == "error"}
-                        | ({which[future.key]} if future is not None else set()))
-        raise _shards.ShardError(f"the build of {out_dir} stopped: shard(s) {failed[:5]} "
-                                 f"failed ({type(exc).__name__}: {exc}); the finished shards "
-                                 "are kept, run the build again to resume") from exc
+    failed, first_error = [], None
+    for future in distributed.as_completed(futures):  # every task ends, failed or not
+        if future.status == "error":
+            failed.append(which[future.key])
+            first_error = first_error or future.exception()
+            continue
+        future.result()
+        # forgotten at once: a worker that dies later must not make the scheduler run a
+        # finished shard again (its file is what counts, not the task's result)
+        future.release()
+        done += 1
+        if progress is not None:
+            progress("shards", done, total)
+    if failed:
+        raise _shards.ShardError(
+            f"the build of {out_dir} stopped: shard(s) {sorted(failed)[:10]} failed "
+            f"({type(first_error).__name__}: {first_error}); the finished shards are kept, "
+            "run the build again to resume") from first_error
     manifest = {"format": FORMAT, "version": 1, "codebooks": plan["codebooks"], "dim": dim,
                 **settings, "count": n,
                 "shards": [{"file": _shards.shard_name(j), "rows": rows, "first_id":
