@@ -32,7 +32,7 @@ from rvqstore import shards as rshards
 from .common import Threads, load_dataset, markdown_table
 
 
-def _timed_build(data, n, out, workers, sample, stages, size):
+def _timed_build(data, n, out, workers, sample, stages, size, keep_originals=True):
     """Seconds of the shard phase (from the first to the last shard progress report)."""
     marks = {}
 
@@ -45,7 +45,7 @@ def _timed_build(data, n, out, workers, sample, stages, size):
     try:
         t = time.perf_counter()
         rdask.build(data, out, client=client, sample=sample, stages=stages,
-                    codebook_size=size, progress=progress)
+                    codebook_size=size, keep_originals=keep_originals, progress=progress)
         total = time.perf_counter() - t
     finally:
         cluster = client.cluster
@@ -79,18 +79,20 @@ def build_part(args, work):
     base, _, _ = load_dataset(args.dataset, limit=args.build_rows)
     data = _parquet(base, os.path.join(work, "data"), args.rows_per_shard)
     out = os.path.join(work, "build")
-    _, first = _timed_build(data, len(base), out, 2, args.sample, 16, 256)
+    keep = not args.no_originals
+    _, first = _timed_build(data, len(base), out, 2, args.sample, 16, 256, keep)
     rows = []
     rates = {}
     for workers in (1, 2) * args.repeats:
         _clear_shards(out)
-        shard_s, _ = _timed_build(data, len(base), out, workers, args.sample, 16, 256)
+        shard_s, _ = _timed_build(data, len(base), out, workers, args.sample, 16, 256, keep)
         rates.setdefault(workers, []).append(len(base) / shard_s)
     for workers in (1, 2):
         r = statistics.median(rates[workers])
         rows.append([workers, f"{r:,.0f}", f"{r / statistics.median(rates[1]):.2f}x",
                      ", ".join(f"{x:,.0f}" for x in rates[workers])])
     print(f"\n### Build: {len(base):,} x {base.shape[1]} vectors, 16 stages x 256, "
+          f"{'originals kept' if keep else 'codes alone (--no-originals)'}, "
           f"{-(-len(base) // args.rows_per_shard)} shards; first build with training "
           f"{first:.1f} s (2 workers); timed: encode + write only, median of {args.repeats}")
     print(markdown_table(["workers (1 thread each)", "vectors/s", "vs 1 worker", "runs"], rows))
@@ -237,6 +239,8 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--no-originals", action="store_true",
+                    help="build shards of codes alone (less to write)")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="rvqstore-sharded-")
     try:
