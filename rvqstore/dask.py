@@ -103,6 +103,8 @@ def _columns(part, kind):
         import pyarrow as pa
 
         lists = pa.array(col.array)
+        if isinstance(lists, pa.ChunkedArray):  # a repartitioned or multi-row-group part
+            lists = lists.combine_chunks()
         sizes = np.asarray(lists.value_lengths()) if not pa.types.is_fixed_size_list(
             lists.type) else np.full(len(lists), lists.type.list_size)
         if lists.null_count or (len(sizes) and (sizes != sizes[0]).any()):
@@ -202,6 +204,9 @@ def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
         if plan.get("rows") != lengths or plan.get("settings") != settings:
             raise InvalidInputError(f"{out_dir} holds another build (other partitions or "
                                     "settings): use an empty directory")
+        manifest_path = os.path.join(out_dir, _shards.MANIFEST)
+        if os.path.exists(manifest_path):  # finished: the shards may have changed since
+            return _shards.read_json(manifest_path, "shard manifest")
         codebooks = np.load(books_path, allow_pickle=False)
         if _shards.fingerprint(codebooks) != plan.get("codebooks"):
             raise InvalidInputError(f"{books_path} does not match {plan_path}")
@@ -279,21 +284,21 @@ def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
 
 
 def _finished(path, rows, codebooks):
-    """A shard under its final name that holds its rows with these codebooks (a file that
-    is not is removed, to be written again)."""
-    from .errors import RvqstoreError
+    """Whether the shard at ``path`` is written: a file under its final name is whole (it
+    was renamed into place), and must hold its rows with these codebooks; one that does
+    not is refused, never overwritten (it is not this build's, or was changed since)."""
     from .store import Store
 
     if not os.path.exists(path):
         return False
-    try:
-        with Store.open(path, readonly=True, create=False) as s:
-            if len(s) == rows and s.user_meta().get("rvqstore.codebooks") == codebooks:
-                return True
-    except RvqstoreError:
-        pass
-    _shards.remove_store_files(path)
-    return False
+    with Store.open(path, readonly=True, create=False) as s:
+        count, mark = len(s), s.user_meta().get("rvqstore.codebooks")
+    if count != rows or mark != codebooks:
+        raise _shards.ShardError(f"{path} holds {count:,} rows with codebooks "
+                                 f"{str(mark)[:16]}...; this build writes {rows:,} with "
+                                 f"{codebooks[:16]}...: "
+                                 "refused (not overwritten); use an empty directory")
+    return True
 
 
 # ----------------------------------------------------------------------------- search
@@ -302,8 +307,13 @@ class ShardServer:
     """A Dask actor on one worker holding its shards open between queries."""
 
     def __init__(self, paths, allow_partial, store_options):
-        self.store = _shards.ShardedStore(paths, allow_partial=allow_partial, threads=1,
-                                          **store_options)
+        try:
+            self.store = _shards.ShardedStore(paths, allow_partial=allow_partial, threads=1,
+                                              **store_options)
+        except _shards.ShardError:
+            if not allow_partial:
+                raise
+            self.store = _shards.ShardedStore.empty(paths)  # every shard here is missing
 
     def _live(self):
         return [s for s in self.store.stores if s is not None]
@@ -339,7 +349,7 @@ class ShardServer:
 
     def describe(self):
         return {"missing": list(self.store.missing), "dim": self.store.dim,
-                "metric": self.store.metric}
+                "metric": self.store.metric, "codebooks": self.store.codebooks}
 
     def close(self):
         self.store.close()
@@ -359,11 +369,29 @@ class DaskShardedStore:
         futures = [client.submit(ShardServer, g, allow_partial, store_options, workers=[w],
                                  actor=True, pure=False)
                    for w, g in zip(workers, groups) if g]
-        self.actors = [f.result() for f in futures]
+        self.actors = []
+        for f in futures:
+            try:
+                self.actors.append(f.result())
+            except BaseException:
+                self.close()
+                raise
         self.paths = paths
         info = [a.describe().result() for a in self.actors]
         self.missing = tuple(p for i in info for p in i["missing"])
-        self.dim, self.metric = info[0]["dim"], info[0]["metric"]
+        serving = [i for i in info if i["codebooks"] is not None]
+        if not serving:
+            self.close()
+            raise _shards.ShardError("no shard can be read: " + ", ".join(self.missing[:5]))
+        if len({(i["codebooks"], i["dim"], i["metric"]) for i in serving}) != 1:
+            self.close()
+            from .errors import ConfigMismatchError
+
+            raise ConfigMismatchError("the shards do not share one set of codebooks (across "
+                                      "the workers): their codes and distances are not "
+                                      "comparable")
+        self.dim, self.metric = serving[0]["dim"], serving[0]["metric"]
+        self.actors = [a for a, i in zip(self.actors, info) if i["codebooks"] is not None]
         self._margins = None
 
     def search(self, queries, *, k=10, where=None, rerank=None, nprobe=None,
@@ -424,3 +452,4 @@ class DaskShardedStore:
     def close(self):
         for a in self.actors:
             a.close().result()
+        self.actors = []

@@ -95,6 +95,9 @@ def write_shard(path, rq, config, figures, ids, vectors, *, keys=None, metadata=
                        add_beam=config.add_beam, train_sample=config.train_sample,
                        seed=config.seed, durable=False)
     try:
+        if not len(x):  # an empty shard: the settings and the codebooks' mark, no rows
+            store.set_user_meta("rvqstore.codebooks", fingerprint(rq.codebooks))
+            return _finish(store, tmp, path, fault, 0)
         batch = {"ids": np.asarray(ids, np.int64),
                  "codes": rq.encode(x, beam_width=config.train_beam), "keys": keys,
                  "metadata": metadata, "documents": documents}
@@ -103,8 +106,15 @@ def write_shard(path, rq, config, figures, ids, vectors, *, keys=None, metadata=
         n = store.import_codes(rq, [batch], train_count=figures.train_count,
                                train_mse=figures.train_mse)
         store.set_user_meta("rvqstore.codebooks", fingerprint(rq.codebooks))
-    finally:
+    except BaseException:
         store.close()
+        raise
+    return _finish(store, tmp, path, fault, n)
+
+
+def _finish(store, tmp, path, fault, n):
+    """Close (checkpoint and sync), then rename ``tmp`` into place and sync the directory."""
+    store.close()
     if fault is not None:
         fault()
     os.replace(tmp, path)
@@ -320,6 +330,7 @@ class ShardedStore:
         from .store import Store
 
         self.readonly = readonly
+        self.source = source
         self.paths = shard_paths(source)
         if not self.paths:
             raise ShardError("no shards given")
@@ -353,6 +364,17 @@ class ShardedStore:
         self.threads = threads or min(len(live), os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(self.threads) \
             if self.threads > 1 else None
+
+    @classmethod
+    def empty(cls, paths):
+        """A ShardedStore none of whose ``paths`` could be read (a Dask actor's share when
+        every shard of it is missing and partial answers are allowed)."""
+        self = cls.__new__(cls)
+        self.readonly, self.paths = True, list(paths)
+        self.stores, self.missing = [None] * len(self.paths), list(self.paths)
+        self.codebooks = self.dim = self.metric = None
+        self.threads, self._pool, self.source = 1, None, None
+        return self
 
     def __enter__(self):
         return self
@@ -428,6 +450,28 @@ class ShardedStore:
         if self.missing:
             raise ShardError(f"cannot write with shards missing: {self.missing[:5]}")
 
+    def _lock(self):
+        """An exclusive lock on the shard set for one write (``.write-lock`` beside the
+        shards, released by the OS if the process dies): two writers never pick the same
+        new ids."""
+        import contextlib
+
+        try:
+            import fcntl
+        except ImportError:  # no flock: one writer at a time is the caller's to ensure
+            return contextlib.nullcontext()
+        path = os.path.join(os.path.dirname(os.path.abspath(self.paths[0])), ".write-lock")
+
+        @contextlib.contextmanager
+        def held():
+            with open(path, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        return held()
+
     def _holders(self, keys):
         """{key: shard index} of the stored keys."""
         out = {}
@@ -439,24 +483,42 @@ class ShardedStore:
         return out
 
     def add(self, vectors, *, keys, metadata=None, documents=None):
-        """Add rows, each to the shard its key routes to (``route``); returns their ids."""
+        """Add rows, each to the shard its key routes to (``route``); returns their ids.
+
+        Every row is checked before any shard is written, and writers of the same shard
+        set take turns (a lock file), so ids are never given twice. Each shard's part is
+        one transaction; an I/O failure (disk full) in a later shard leaves the earlier
+        shards' parts stored (they are listed in the error)."""
         self._writable()
-        x = np.atleast_2d(np.asarray(vectors, np.float32))
+        x = _config.as_vectors(vectors, dim=self.dim, metric=self.metric)
         keys = _config.key_list(keys, len(x))
         if len(set(keys)) != len(keys):
             raise DuplicateError("keys contain duplicates")
-        held = self._holders(keys)
-        if held:
-            raise DuplicateError(f"keys already stored: {sorted(held)[:5]}")
-        top = max((int(s.ids()[-1]) for s in self.stores if len(s)), default=-1)
-        ids = np.arange(top + 1, top + 1 + len(x), dtype=np.int64)
-        where = np.asarray([route(key, len(self.stores)) for key in keys])
-        for j in np.unique(where):
-            at = np.flatnonzero(where == j)
-            self.stores[j].add(x[at], ids=ids[at], keys=[keys[i] for i in at],
-                               metadata=None if metadata is None else [metadata[i] for i in at],
-                               documents=None if documents is None else
-                               [documents[i] for i in at])
+        if metadata is not None:
+            _config.metadata_texts(metadata, len(x))  # refuse a bad row before any write
+        if documents is not None:
+            _config.document_list(documents, len(x))
+        with self._lock():
+            held = self._holders(keys)
+            if held:
+                raise DuplicateError(f"keys already stored: {sorted(held)[:5]}")
+            top = max((int(s.ids()[-1]) for s in self.stores if len(s)), default=-1)
+            ids = np.arange(top + 1, top + 1 + len(x), dtype=np.int64)
+            where = np.asarray([route(key, len(self.stores)) for key in keys])
+            written = []
+            for j in np.unique(where):
+                at = np.flatnonzero(where == j)
+                try:
+                    self.stores[j].add(
+                        x[at], ids=ids[at], keys=[keys[i] for i in at],
+                        metadata=None if metadata is None else [metadata[i] for i in at],
+                        documents=None if documents is None else [documents[i] for i in at])
+                except RvqstoreError as exc:
+                    if not written:
+                        raise
+                    raise ShardError(f"{self.paths[j]}: {exc}; the rows of shards "
+                                     f"{written} were added already") from exc
+                written.append(int(j))
         return ids
 
     def delete(self, *, keys):
@@ -469,8 +531,9 @@ class ShardedStore:
         if unknown:
             raise UnknownIdError(f"keys in no shard: {unknown[:5]}")
         n = 0
-        for j in sorted(set(held.values())):
-            n += self.stores[j].delete(keys=[key for key in keys if held[key] == j])
+        with self._lock():
+            for j in sorted(set(held.values())):
+                n += self.stores[j].delete(keys=[key for key in keys if held[key] == j])
         return n
 
     def retrain(self, *, sample=65536, seed=0, progress=None):
@@ -493,17 +556,33 @@ class ShardedStore:
                 ids = s.ids()
                 parts.append(s.get(np.sort(rng.choice(ids, t, replace=False))))
         config = self.stores[0].config
+        if not parts:
+            raise InvalidInputError("the shards hold no vectors to retrain on")
         rq, mse = _training.train_codebooks(np.concatenate(parts), config, rng, progress)
         figures = _training.Figures(int(take.sum()), mse)
-        for j, (path, s) in enumerate(zip(self.paths, self.stores)):
-            ids, keys, vecs, metas, docs = [], [], [], [], []
-            for batch in s.iter(with_metadata=True, with_documents=True):
-                for into, part in zip((ids, keys, vecs, metas, docs), batch):
-                    into.append(part)
-            s.close()
-            write_shard(path, rq, config, figures, np.concatenate(ids), np.concatenate(vecs),
-                        keys=sum(keys, []), metadata=sum(metas, []), documents=sum(docs, []))
-            self.stores[j] = Store.open(path)
-            if progress is not None:
-                progress("rewrite", j + 1, len(self.stores))
+        with self._lock():
+            # every new shard written beside the old one first, then all renamed in place:
+            # a crash while writing leaves the old set whole
+            for j, (path, s) in enumerate(zip(self.paths, self.stores)):
+                ids, keys, vecs, metas, docs = [], [], [], [], []
+                for batch in s.iter(with_metadata=True, with_documents=True):
+                    for into, part in zip((ids, keys, vecs, metas, docs), batch):
+                        into.append(part)
+                if not ids:  # an empty shard stays an empty shard
+                    ids, vecs = [np.zeros(0, np.int64)], [np.zeros((0, config.dim), np.float32)]
+                write_shard(path + ".next", rq, config, figures, np.concatenate(ids),
+                            np.concatenate(vecs), keys=sum(keys, []),
+                            metadata=sum(metas, []) or None, documents=sum(docs, []) or None)
+                if progress is not None:
+                    progress("rewrite", j + 1, len(self.stores))
+            for j, path in enumerate(self.paths):
+                self.stores[j].close()
+                remove_store_files(path)
+                os.replace(path + ".next", path)
+                self.stores[j] = Store.open(path)
         self.codebooks = fingerprint(rq.codebooks)
+        if isinstance(self.source, (str, os.PathLike)) and os.path.isdir(self.source):
+            manifest_path = os.path.join(self.source, MANIFEST)
+            manifest = read_json(manifest_path, "shard manifest")
+            manifest["codebooks"] = self.codebooks
+            write_json(manifest_path, manifest)

@@ -280,3 +280,59 @@ def test_the_default_adaptive_rerank_over_shards_reads_and_answers_as_one_store(
         assert read == 0  # phase one ranks codes alone: the originals come through get()
     remote.close()
     single.close()
+
+
+def test_a_finished_build_is_left_alone_and_a_foreign_shard_is_not_overwritten(
+        built, dataset, client, tmp_path):
+    import shutil
+
+    out, _ = built
+    folder, x, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with ShardedStore(copy, readonly=False) as s:
+        s.add(x[:2] + 1.0, keys=["later-0", "later-1"])
+    again = rdask.build(str(folder), copy, client=client, **SETTINGS)  # finished: a no-op
+    assert again["count"] == N
+    with ShardedStore(copy) as s:
+        assert len(s) == N + 2  # the rows added since are still there
+    os.remove(copy / "manifest.json")  # an unfinished build whose shard 0 changed since
+    with pytest.raises(ShardError, match=r"shard-0000[0-3].db holds 60[12] rows .*refused"):
+        rdask.build(str(folder), copy, client=client, **SETTINGS)
+
+
+def test_retrain_keeps_an_empty_shard_and_a_repartitioned_frame_builds(built, dataset, client,
+                                                                       tmp_path):
+    import shutil
+
+    import dask.dataframe as dd
+
+    out, _ = built
+    folder, x, _ = dataset
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with ShardedStore(copy, readonly=False) as s:
+        s.delete(keys=s.stores[3].keys(s.stores[3].ids()))
+        s.retrain(sample=800)
+        assert len(s.stores[3]) == 0 and len(s) == N - N // PARTS
+    with ShardedStore(copy) as s:  # one set of codebooks, the manifest says which
+        assert json.loads((copy / "manifest.json").read_text())["codebooks"] == s.codebooks
+    frame = dd.read_parquet(str(folder), dtype_backend="pyarrow").repartition(npartitions=2)
+    manifest = rdask.build(frame, tmp_path / "two", client=client, **SETTINGS)
+    assert len(manifest["shards"]) == 2 and manifest["count"] == N
+
+
+def test_actors_refuse_mixed_codebooks_and_serve_around_a_missing_worker_share(
+        built, dataset, client, tmp_path):
+    folder, _, _ = dataset
+    out, _ = built
+    other = tmp_path / "other"
+    rdask.build(str(folder), other, client=client, **{**SETTINGS, "seed": 7})
+    mixed = [str(out / "shard-00000.db"), str(other / "shard-00001.db")]
+    with pytest.raises(ConfigMismatchError, match="across"):
+        rdask.DaskShardedStore(client, mixed)
+    lonely = [str(out / "shard-00000.db"), str(tmp_path / "gone.db")]  # a worker each
+    remote = rdask.DaskShardedStore(client, lonely, allow_partial=True)
+    res = remote.search(np.zeros(DIM, np.float32), k=3)
+    assert res.partial and res.missing == (str(tmp_path / "gone.db"),) and (res.ids >= 0).all()
+    remote.close()

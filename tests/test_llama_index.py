@@ -341,6 +341,8 @@ def test_query_restrictions_and_modes(vs):
     text = vs.query(VectorStoreQuery(query_str="beta part 5", similarity_top_k=3,
                                      mode=VectorStoreQueryMode.TEXT_SEARCH))
     assert text.ids[0] == "beta-5"
+    assert text.similarities == sorted(text.similarities, reverse=True)  # best first, highest
+    assert text.similarities[0] > text.similarities[-1]
     text = vs.query(VectorStoreQuery(query_str="beta", similarity_top_k=3,
                                      mode=VectorStoreQueryMode.TEXT_SEARCH))
     assert len(text.ids) == 3 and all(i.startswith("beta") for i in text.ids)

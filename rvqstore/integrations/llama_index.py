@@ -166,7 +166,9 @@ class RvqstoreVectorStore(BasePydanticVectorStore):
                 if exclude is not None:
                     raise ValueError("text_search does not take node_ids")
                 res = self._store.text_search(query.query_str, k=k, where=where)
-                hits = [(int(i), float(s)) for i, s in zip(res.ids, res.distances) if i >= 0]
+                # the store ranks keyword matches by BM25 as a distance (smaller is
+                # better): as a similarity, its negative
+                hits = [(int(i), -float(s)) for i, s in zip(res.ids, res.distances) if i >= 0]
                 return self._result(hits)
             if query.query_embedding is None:
                 raise ValueError(f"a {mode.value} query needs query_embedding")
