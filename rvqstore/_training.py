@@ -184,7 +184,7 @@ class Figures(NamedTuple):
     calibration: Optional[tuple] = None  # (stages per cell, nprobe, coverage, z)
 
 
-def install(db, config, rq, figures, batches, progress, total=None):
+def install(db, config, rq, figures, batches, progress, total=None, next_id=None):
     """Write rows with their given codes into an empty, untrained store as a new active
     codebook version ``rq``, in one transaction (all or nothing): no training, no encoding.
 
@@ -232,7 +232,8 @@ def install(db, config, rq, figures, batches, progress, total=None):
         if not done:
             raise InvalidInputError("no rows to import")
         db.set_codebook_state(version, "active")
-        db.set_meta(active_version=version, next_id=min(top + 1, MAX_META_INT))
+        db.set_meta(active_version=version,
+                    next_id=min(max(top + 1, next_id or 0), MAX_META_INT))
         if figures.calibration is not None:
             db.set_meta(**{_snapshot.CALIBRATION_KEY:
                            _snapshot.calibration_text(version, *figures.calibration)})

@@ -57,9 +57,9 @@ A vector decodes as ``x^ = sum over stages s of codebooks[s, codes[s]]`` (for
 ``metric``, ``stages``, ``codebook_size``, ``codebook_version``, ``trained_at``, the
 training figures ``train_count``, ``train_mse``, ``added_count``, ``added_sq_error``
 (which set the adaptive rerank's depth), ``originals`` (how the store kept them),
-``block_size``, ``count`` (rows of codes.parquet), ``with_vectors`` and ``calibration``
-(null, or the partitioned search's recorded default: ``stages_per_cell``, ``nprobe``,
-``coverage``, ``rerank_error_z``).
+``block_size``, ``count`` (rows of codes.parquet), ``with_vectors``, ``next_id`` (the id
+the store numbers its next row from) and ``calibration`` (null, or the partitioned search's
+recorded default: ``stages_per_cell``, ``nprobe``, ``coverage``, ``rerank_error_z``).
 """
 
 import json
@@ -313,7 +313,7 @@ def write_quantized(store, directory, *, with_vectors=None, progress=None):
               "added_sq_error": info["added_sq_error"], "originals": store.config.originals,
               "block_size": store.config.block_size, "count": info["count"],
               "with_vectors": bool(with_vectors),
-              "calibration": store.recorded_calibration()}
+              "calibration": store.recorded_calibration(), "next_id": info["next_id"]}
     meta = {_HEADER_KEY: json.dumps(header).encode()}
     books_schema, codes_schema = quantized_schemas(dim, S, with_vectors)
     books_schema, codes_schema = (books_schema.with_metadata(meta),
@@ -445,7 +445,7 @@ def read_quantized(directory, path, *, batch_size=65536, progress=None, **store_
         store.import_codes(rq, _code_batches(pa, parquet, codes_path, h, keep, batch_size),
                            train_count=h["train_count"], train_mse=h["train_mse"],
                            added_count=h["added_count"], added_sq_error=h["added_sq_error"],
-                           calibration=h.get("calibration"),
+                           calibration=h.get("calibration"), next_id=h.get("next_id"),
                            total=h["count"], progress=progress)
     except BaseException:
         store.close()

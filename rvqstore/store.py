@@ -542,7 +542,8 @@ class Store:
 
     @_translated
     def import_codes(self, quantizer, batches, *, train_count=0, train_mse=0.0, added_count=0,
-                     added_sq_error=0.0, calibration=None, total=None, progress=None):
+                     added_sq_error=0.0, calibration=None, next_id=None, total=None,
+                     progress=None):
         """Fill an empty, untrained store with vectors already encoded by ``quantizer`` (a
         :class:`ResidualQuantizer` of this store's stages, codebook size and dimension): no
         training, no encoding. All rows in one transaction: all or nothing.
@@ -556,6 +557,9 @@ class Store:
             store's to search as it did
         calibration : None or :meth:`recorded_calibration`'s dict, recorded for the new
             codebooks so that partitioned searches probe as deep as the exporting store's
+        next_id : None or the id the store numbers its next row from (at least one above
+            every imported id): the exporting store's ``info()["next_id"]``, so that ids it
+            had given and deleted are not given again
         total : rows expected, for progress; returns the number of rows imported
         """
         db = self._live()
@@ -576,8 +580,12 @@ class Store:
             with db.write():
                 db.set_meta(dim=rq.dim)
             self.config = c = dataclasses.replace(c, dim=rq.dim)
+        if next_id is not None and (isinstance(next_id, bool) or
+                                    not isinstance(next_id, (int, np.integer)) or
+                                    not 0 <= next_id <= _config.MAX_META_INT):
+            raise InvalidInputError(f"next_id must be an id >= 0, got {next_id!r}")
         n = _training.install(db, c, rq, figures, self._import_rows(rq, batches), progress,
-                              total)
+                              total, next_id=next_id)
         self._invalidate()
         return n
 
@@ -1161,6 +1169,7 @@ class Store:
             version = meta_int(meta, "active_version", db.path)
             out = {"path": db.path, "count": db.count(), **dataclasses.asdict(self.config),
                    "trained": bool(version), "codebook_version": version,
+                   "next_id": meta_int(meta, "next_id", db.path),
                    "deleted_pending_compact": len(db.tombstones()),
                    "search_plans": dict(self._plans),
                    "bytes": db.bytes_by_part()}

@@ -207,6 +207,7 @@ def test_quantized_round_trip_gives_identical_search_results(trained, tmp_path):
             assert len(dst) == n + 3 and dst.check() == []
 
 
+
 def test_codes_alone_import_and_another_tool_reads_the_documented_schema(trained, tmp_path):
     path, _ = trained
     with Store.open(path, readonly=True) as src:
@@ -380,3 +381,14 @@ def test_a_recorded_calibration_travels_with_the_codes(trained, tmp_path):
                            calibration={**rec, "nprobe": 0})
         rq_store.close()
         assert len(e) == 0
+
+
+def test_an_import_numbers_on_from_the_exporting_stores_next_id(trained, tmp_path):
+    path, x = trained
+    with Store.open(path) as src:
+        src.delete([898, 899])  # the highest ids given: not to be given again
+        assert src.info()["next_id"] == 900
+        src.export_quantized(tmp_path / "q")
+    with Store.import_quantized(tmp_path / "q", tmp_path / "b.db") as dst:
+        assert dst.ids()[-1] == 897 and dst.info()["next_id"] == 900
+        assert dst.add(x[:2]).tolist() == [900, 901]
