@@ -293,11 +293,22 @@ def write_quantized(store, directory, *, with_vectors=None, progress=None):
     """Write ``store``'s codebooks and codes to ``directory`` (created if missing; its two
     files replaced): see the module docstring. ``with_vectors``: also the originals (None:
     when the store keeps them). Returns the rows written. Streams block by block."""
+    pa = _pyarrow()
+    # the codes' first block opens one read transaction, which the reads below join: the
+    # codebooks, the figures and every row are of one commit
+    blocks = store.iter_codes()
+    try:
+        return _write_quantized(pa, store, blocks, next(blocks, None), directory,
+                                with_vectors, progress)
+    finally:
+        blocks.close()  # ends the read transaction, also on an error
+
+
+def _write_quantized(pa, store, blocks, first, directory, with_vectors, progress):
     import os
 
     from . import __version__
 
-    pa = _pyarrow()
     rq = store.quantizer()
     info = store.info()
     if with_vectors is None:
@@ -327,7 +338,7 @@ def write_quantized(store, directory, *, with_vectors=None, progress=None):
     pa.parquet.write_table(table, os.path.join(directory, CODEBOOKS_FILE))
     done = 0
     with pa.parquet.ParquetWriter(os.path.join(directory, CODES_FILE), codes_schema) as writer:
-        for ids, codes, norms in store.iter_codes():
+        for ids, codes, norms in _chain(first, blocks):
             at = ids.tolist()
             cols = [pa.array(ids, pa.int64()), pa.array(store.keys(at), pa.string()),
                     pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1), pa.uint8()),
@@ -345,6 +356,12 @@ def write_quantized(store, directory, *, with_vectors=None, progress=None):
             if progress is not None:
                 progress("export", done, header["count"])
     return done
+
+
+def _chain(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
 
 
 def read_quantized_header(directory):

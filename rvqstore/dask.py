@@ -420,7 +420,9 @@ class DaskShardedStore:
         """:func:`rvqstore.shards.two_phase` with each worker's shards behind its actor:
         one call per worker for the candidates, one per worker holding originals to read."""
         got = [c.result() for c in [a.candidates(q, k, where, nprobe) for a in self.actors]]
-        ids, est, _ = _shards.merge_candidates([(g[0], g[1]) for g in got], k * 50)
+        from .algo.validate import MAX_K
+
+        ids, est, _ = _shards.merge_candidates([(g[0], g[1]) for g in got], min(k * 50, MAX_K))
         # owner of each candidate: (actor, shard within the actor), numbered as one list
         owners = {}
         for j, g in enumerate(got):

@@ -237,9 +237,10 @@ def search_shards(stores, queries, k, *, where=None, rerank=None, nprobe=None,
 def candidates(stores, queries, k, *, where=None, nprobe=None, each=map):
     """Phase one of :func:`two_phase`: every shard's top ``50 k`` by its codes alone,
     merged: (ids, estimates, owner = the index in ``stores`` of the shard holding each)."""
+    from .algo.validate import MAX_K
     from .store import AUTO_RERANK
 
-    depth = k * AUTO_RERANK[1]
+    depth = min(k * AUTO_RERANK[1], MAX_K)  # a store takes at most MAX_K per query
 
     def one(store):
         if len(store) == 0:

@@ -274,6 +274,8 @@ def test_the_default_adaptive_rerank_over_shards_reads_and_answers_as_one_store(
                 np.testing.assert_array_equal(got.ids, want.ids)
                 np.testing.assert_allclose(got.distances, want.distances, rtol=1e-6)
                 assert got.keys == [[f"k{i}" for i in row] for row in got.ids]
+        deep = shards.search(q[:2], k=30_000)  # beyond 20,971: 50 k would pass MAX_K
+        assert deep.ids.shape == (2, 30_000) and (deep.ids >= 0).sum(axis=1).tolist() == [N, N]
         reads = [s.info()["search_plans"]["originals_read"] for s in shards.stores]
         shards.search(q, k=10)
         read = sum(s.info()["search_plans"]["originals_read"] for s in shards.stores) - sum(reads)
