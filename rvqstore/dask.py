@@ -91,30 +91,11 @@ def _partitions(source, rows_per_shard):
 
 def _columns(part, kind):
     """(vectors float32, ids or None, keys, metadata, documents) of one partition."""
+    vectors = _vectors(part, kind)
     if kind == "array":
-        return np.asarray(part, np.float32), None, None, None, None
+        return vectors, None, None, None, None
     from .filters import validate_metadata
 
-    import pandas as pd
-
-    column = "vector" if "vector" in part.columns else "embedding"
-    col = part[column]
-    if isinstance(col.dtype, pd.ArrowDtype):
-        import pyarrow as pa
-
-        lists = pa.array(col.array)
-        if isinstance(lists, pa.ChunkedArray):  # a repartitioned or multi-row-group part
-            lists = lists.combine_chunks()
-        sizes = np.asarray(lists.value_lengths()) if not pa.types.is_fixed_size_list(
-            lists.type) else np.full(len(lists), lists.type.list_size)
-        if lists.null_count or (len(sizes) and (sizes != sizes[0]).any()):
-            raise InvalidInputError(f"column {column!r} must hold lists of one length")
-        vectors = np.asarray(lists.flatten().to_numpy(zero_copy_only=False),
-                             np.float32).reshape(len(col), -1)
-    else:
-        vectors = np.asarray([np.asarray(v, np.float32) for v in col], np.float32)
-    if vectors.ndim != 2:
-        raise InvalidInputError(f"column {column!r} must hold lists of one length")
     ids = np.asarray(part["id"], np.int64) if "id" in part.columns else None
     keys = [None if _missing(k) else str(k) for k in part["key"]] \
         if "key" in part.columns else None
@@ -141,8 +122,35 @@ def _missing(value):
     return value is None or (not isinstance(value, (dict, list, str)) and bool(pd.isna(value)))
 
 
+def _vectors(part, kind):
+    """The float32 vectors (n, dim) of one partition."""
+    if kind == "array":
+        return np.asarray(part, np.float32)
+    import pandas as pd
+
+    column = "vector" if "vector" in part.columns else "embedding"
+    col = part[column]
+    if isinstance(col.dtype, pd.ArrowDtype):
+        import pyarrow as pa
+
+        lists = pa.array(col.array)
+        if isinstance(lists, pa.ChunkedArray):  # a repartitioned or multi-row-group part
+            lists = lists.combine_chunks()
+        sizes = np.asarray(lists.value_lengths()) if not pa.types.is_fixed_size_list(
+            lists.type) else np.full(len(lists), lists.type.list_size)
+        if lists.null_count or (len(sizes) and (sizes != sizes[0]).any()):
+            raise InvalidInputError(f"column {column!r} must hold lists of one length")
+        vectors = np.asarray(lists.flatten().to_numpy(zero_copy_only=False),
+                             np.float32).reshape(len(col), -1)
+    else:
+        vectors = np.asarray([np.asarray(v, np.float32) for v in col], np.float32)
+    if vectors.ndim != 2:
+        raise InvalidInputError(f"column {column!r} must hold lists of one length")
+    return vectors
+
+
 def _sample_rows(part, kind, rows):
-    return _columns(part, kind)[0][rows]
+    return _vectors(part, kind)[rows]
 
 
 # ----------------------------------------------------------------------------- build
@@ -208,8 +216,18 @@ def build(source, out_dir, *, client, metric="l2", stages=16, codebook_size=256,
         if os.path.exists(manifest_path):  # finished: the shards may have changed since
             return _shards.read_json(manifest_path, "shard manifest")
         codebooks = np.load(books_path, allow_pickle=False)
-        if _shards.fingerprint(codebooks) != plan.get("codebooks"):
-            raise InvalidInputError(f"{books_path} does not match {plan_path}")
+        if (codebooks.dtype != np.float32 or codebooks.ndim != 3
+                or codebooks.shape[:2] != (stages, codebook_size)
+                or not np.isfinite(codebooks).all()
+                or _shards.fingerprint(codebooks) != plan.get("codebooks")):
+            raise InvalidInputError(f"{books_path} does not match {plan_path} and the "
+                                    f"settings (float32 codebooks of {stages} x "
+                                    f"{codebook_size} x dim, the plan's fingerprint)")
+        figures = (plan.get("train_count"), plan.get("train_mse"))
+        if isinstance(figures[0], bool) or not isinstance(figures[0], int) or figures[0] < 1 \
+                or not isinstance(figures[1], (int, float)) or not np.isfinite(figures[1]) \
+                or figures[1] < 0:
+            raise InvalidInputError(f"{plan_path} has training figures {figures!r}")
         dim = codebooks.shape[2]
     else:
         rng = np.random.default_rng(seed)
@@ -420,9 +438,8 @@ class DaskShardedStore:
         """:func:`rvqstore.shards.two_phase` with each worker's shards behind its actor:
         one call per worker for the candidates, one per worker holding originals to read."""
         got = [c.result() for c in [a.candidates(q, k, where, nprobe) for a in self.actors]]
-        from .algo.validate import MAX_K
-
-        ids, est, _ = _shards.merge_candidates([(g[0], g[1]) for g in got], min(k * 50, MAX_K))
+        ids, est, _ = _shards.merge_candidates([(g[0], g[1]) for g in got],
+                                               _shards.candidate_depth(k))
         # owner of each candidate: (actor, shard within the actor), numbered as one list
         owners = {}
         for j, g in enumerate(got):
@@ -439,16 +456,9 @@ class DaskShardedStore:
 
         res, held = _shards.rerank_merged(q, ids, est, owner, k, margins, fetch_from,
                                           dim=self.dim, metric=self.metric)
-        keys = None
-        if with_keys:
-            keys = [[None] * len(row) for row in res.ids]
-            for qi, row in enumerate(res.ids.tolist()):
-                for n in set(held[i] for i in row if i >= 0):
-                    mine = [c for c, i in enumerate(row) if i >= 0 and held[i] == n]
-                    a, s = back[n]
-                    for c, key in zip(mine, self.actors[a].keys(s, [row[c] for c in mine])
-                                      .result()):
-                        keys[qi][c] = key
+        keys = _shards.result_keys(
+            res.ids, held, lambda n, ids: self.actors[back[n][0]].keys(back[n][1], ids).result()
+        ) if with_keys else None
         return res.ids, res.distances, keys
 
     def close(self):

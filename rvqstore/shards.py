@@ -237,10 +237,7 @@ def search_shards(stores, queries, k, *, where=None, rerank=None, nprobe=None,
 def candidates(stores, queries, k, *, where=None, nprobe=None, each=map):
     """Phase one of :func:`two_phase`: every shard's top ``50 k`` by its codes alone,
     merged: (ids, estimates, owner = the index in ``stores`` of the shard holding each)."""
-    from .algo.validate import MAX_K
-    from .store import AUTO_RERANK
-
-    depth = min(k * AUTO_RERANK[1], MAX_K)  # a store takes at most MAX_K per query
+    depth = candidate_depth(k)
 
     def one(store):
         if len(store) == 0:
@@ -250,6 +247,15 @@ def candidates(stores, queries, k, *, where=None, nprobe=None, each=map):
         return r.ids, r.distances
 
     return merge_candidates(list(each(one, stores)), depth)
+
+
+def candidate_depth(k):
+    """How many candidates phase one takes: the adaptive rerank's deepest (50 k), at most
+    MAX_K (what a store gives per query)."""
+    from .algo.validate import MAX_K
+    from .store import AUTO_RERANK
+
+    return min(k * AUTO_RERANK[1], MAX_K)
 
 
 def merge_candidates(per, depth):
@@ -303,15 +309,20 @@ def two_phase(stores, queries, k, margins, *, where=None, nprobe=None, with_keys
     res, held = rerank_merged(queries, ids, est, owner, k, margins,
                               lambda j, wanted: stores[j].get(wanted), dim=s0.dim,
                               metric=s0.metric)
-    keys = None
-    if with_keys:
-        keys = [[None] * len(row) for row in res.ids]
-        for q, row in enumerate(res.ids.tolist()):
-            for j in set(held[i] for i in row if i >= 0):
-                mine = [c for c, i in enumerate(row) if i >= 0 and held[i] == j]
-                for c, key in zip(mine, stores[j].keys([row[c] for c in mine])):
-                    keys[q][c] = key
+    keys = result_keys(res.ids, held, lambda j, ids: stores[j].keys(ids)) if with_keys else None
     return res.ids, res.distances, keys
+
+
+def result_keys(ids, held, keys_of):
+    """The keys of result ``ids`` (nq, k) as lists like them, asking each holder once per
+    query: ``held`` {id: owner}, ``keys_of(owner, ids)``."""
+    keys = [[None] * len(row) for row in ids]
+    for q, row in enumerate(ids.tolist()):
+        for j in set(held[i] for i in row if i >= 0):
+            mine = [c for c, i in enumerate(row) if i >= 0 and held[i] == j]
+            for c, key in zip(mine, keys_of(j, [row[c] for c in mine])):
+                keys[q][c] = key
+    return keys
 
 
 class ShardedStore:

@@ -1120,13 +1120,7 @@ class Store:
     @_translated
     def count(self, where=None):
         """How many items the store holds, or how many pass ``where``."""
-        if where is None:
-            return len(self)
-        self._learn_dim()
-        if self.config.dim is None:
-            Filter.parse(where)  # still refuse a malformed filter
-            return 0
-        return int(len(self._matching_ids(where)))
+        return len(self) if where is None else int(len(self.ids(where)))
 
     @_translated
     def metadata(self, ids=None, *, keys=None):

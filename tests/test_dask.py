@@ -28,8 +28,8 @@ from rvqstore import Store  # noqa: E402
 from rvqstore import dask as rdask  # noqa: E402
 from rvqstore.algo import ResidualQuantizer  # noqa: E402
 from rvqstore.cli import main  # noqa: E402
-from rvqstore.errors import (ConfigMismatchError, DuplicateError, ReadOnlyError,  # noqa: E402
-                             UnknownIdError)
+from rvqstore.errors import (ConfigMismatchError, DuplicateError, InvalidInputError,  # noqa: E402
+                             ReadOnlyError, UnknownIdError)
 from rvqstore.shards import ShardedStore, ShardError, route  # noqa: E402
 
 from conftest import clustered  # noqa: E402
@@ -338,3 +338,19 @@ def test_actors_refuse_mixed_codebooks_and_serve_around_a_missing_worker_share(
     res = remote.search(np.zeros(DIM, np.float32), k=3)
     assert res.partial and res.missing == (str(tmp_path / "gone.db"),) and (res.ids >= 0).all()
     remote.close()
+
+
+def test_a_resume_checks_the_plan_and_codebooks_it_reads(dataset, client, tmp_path):
+    folder, _, _ = dataset
+    out = tmp_path / "out"
+    rdask.build(str(folder), out, client=client, **SETTINGS)
+    os.remove(out / "manifest.json")  # unfinished, as far as a rerun can tell
+    books = np.load(out / "codebooks.npy")
+    np.save(out / "codebooks.npy", books.astype(np.float64))
+    with pytest.raises(InvalidInputError, match="codebooks.npy does not match"):
+        rdask.build(str(folder), out, client=client, **SETTINGS)
+    np.save(out / "codebooks.npy", books)
+    plan = json.loads((out / "build.json").read_text())
+    (out / "build.json").write_text(json.dumps({**plan, "train_mse": "lots"}))
+    with pytest.raises(InvalidInputError, match="training figures"):
+        rdask.build(str(folder), out, client=client, **SETTINGS)
